@@ -1,0 +1,1381 @@
+"""
+APPO: Agentic Procedural Policy Optimization (arXiv 2606.12384), in one file.
+
+RL for tool-using LLM agents. Each prompt gets N rollouts that may call a python or a search
+tool; every rollout is branched at the B tokens with the highest Branching Score (uncertain
+*and* consequential, Eqs. 3-5), so that a prompt ends with M rollouts that share prefixes; credit
+is assigned per procedure with dual-group advantages averaged over shared prefixes (Eq. 6) and a
+future-aware, dual-clipped PPO loss (Eqs. 7-8). GRPO and ARPO run on the same code path.
+
+    python appo.py                        # embedded default: toy tool world, tiny model, CPU, offline
+    python appo.py --algo=grpo            # the same run with a baseline (also: --algo=arpo)
+    python appo.py --help                 # every setting, its default and the paper's value
+    python -m pytest -q test_appo.py      # the tests
+
+A real model on one GPU (see README.md for the full command and memory settings):
+
+    python appo.py --model=Qwen/Qwen2.5-0.5B-Instruct --train_data=train_10k.parquet \
+        --search_cache=search_cache.json --lr=1e-6 --max_response_tokens=4096 ...
+
+Order of this file: settings, reward, the equations (pure functions), the agent loop and the
+rollout tree, the toy world, infrastructure, main().
+"""
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import string
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from math_verify import parse as mv_parse, verify as mv_verify
+
+import tools
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: one dataclass, `python appo.py --key=value`. Defaults are the embedded CPU run;
+# each docstring gives the paper's value (APPO_SPEC.md section 5) where it differs.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    # --- run ---
+    out_dir: str = "out/appo"
+    """Output folder: config.json, metrics.jsonl, summary.json, checkpoints (and the toy world)."""
+    seed: int = 0
+    """Seed for python, numpy and torch."""
+    device: str = "auto"
+    """'auto' picks cuda, then mps, then cpu."""
+    resume: bool = False
+    """Continue from the last checkpoint in out_dir (RL only; the toy world and SFT are cached)."""
+
+    # --- model and data ---
+    model: str = ""
+    """Hugging Face model name or path. Empty: build the toy world's tiny model (embedded default)."""
+    train_data: str = ""
+    """verl parquet (chat `prompt`, `reward_model.ground_truth`, `ability`) or JSONL
+    (`question`, `answer` str or list, `kind` math|qa). Empty: the toy world's train split."""
+    test_data: str = ""
+    """Held-out split evaluated before and after RL, same formats. Empty: the toy test split."""
+    eval_limit: int = 200
+    """Questions of test_data evaluated before and after RL (0 = all)."""
+    system_prompt: str = (
+        "Solve the question step by step. You can call tools: <search> query </search> searches a "
+        "knowledge base, <python> code </python> runs Python and shows what it prints. Each result "
+        "comes back inside <result> </result>. End with <answer> \\boxed{final answer} </answer>.")
+    """System prompt for JSONL questions and the toy (parquet rows bring their own)."""
+    dtype: str = "auto"
+    """'auto' = bfloat16 on cuda, float32 elsewhere; or float32 / bfloat16 / float16."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory (needed for 1.5B models on 24 GB)."""
+
+    # --- tools ---
+    search_corpus: str = ""
+    """Search-R1 / FlashRAG JSONL corpus for the in-process BM25 search (toy: its generated corpus)."""
+    search_url: str = ""
+    """URL of a Search-R1 retriever server (POST {"queries", "topk", "return_scores"})."""
+    search_cache: str = ""
+    """JSON file query -> result text, tried before the other backends (paper: search_cache.json)."""
+    search_topk: int = 2
+    """Passages per search. Paper code: 3-5; the toy uses 2 to keep sequences short."""
+    max_tool_calls: int = 3
+    """Tool calls per rollout; further calls are answered with a limit message. Paper code: 3
+    (reasoning) / 6 (deep search)."""
+    tool_timeout: float = 5.0
+    """Seconds a python call may run."""
+
+    # --- rollout tree (spec section 2) ---
+    algo: str = "appo"
+    """appo | grpo (M independent rollouts, one group, b=0) | arpo (branch after tool results by
+    entropy, all rollouts trained with plain group advantages, b=0)."""
+    n_initial: int = 4
+    """N: initial rollouts per prompt. Paper: 4 (code: 8)."""
+    branch_points: int = 3
+    """B: branch points per rollout and round. Paper: 3."""
+    group_size: int = 16
+    """M: rollouts per prompt in all. Paper: 16. One round gives (B+1)*N."""
+    branch_score: str = "bs"
+    """bs (Eq. 5) | entropy | random: how branch points are ranked (Table 4 ablation)."""
+    omega_anchor: str = "prev"
+    """pi_anchor of Eq. 4 at branching time: prev (weights before the latest update) | ref
+    (initial weights) | sampler (log-probs recorded while sampling). A Decision: see README."""
+    half_life: float = 32.0
+    """h in gamma = 2^(-1/h) for Eqs. 4 and 7. Paper: 32 (code: 64)."""
+    temperature: float = 1.0
+    """Sampling temperature tau (also used in Eq. 3 and the loss)."""
+    top_p: float = 1.0
+    """Nucleus sampling for rollouts (1.0 = off, the unbiased on-policy choice)."""
+    max_response_tokens: int = 192
+    """Response budget incl. tool results. Paper: 4096 reasoning / 8192 deep search; toy: 192."""
+    gen_batch_size: int = 128
+    """Sequences generated together (lower it for big models)."""
+
+    # --- update (spec section 3) ---
+    steps: int = 40
+    """RL steps."""
+    prompts_per_step: int = 8
+    """Prompts per RL step. Paper: 128 (code: 96)."""
+    mini_batch_prompts: int = 4
+    """Prompts per PPO mini-batch (one optimizer step each). Paper: 16."""
+    ppo_epochs: int = 1
+    """Passes over the step's rollouts."""
+    micro_batch_size: int = 32
+    """Rollouts per forward/backward; gradients accumulate over a mini-batch. Lower it on a GPU."""
+    lr: float = 1e-3
+    """AdamW learning rate. Paper code: 1e-6 for 7B; a 2M-parameter toy needs far more."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max gradient norm."""
+    clip_low: float = 0.2
+    """PPO ratio clip below (code: 0.2)."""
+    clip_high: float = 0.28
+    """PPO ratio clip above (code: 0.28, clip-higher)."""
+    dual_clip: float = 3.0
+    """c: dual clip for negative advantages, and Eq. 7's participation bound log c."""
+    future_weight: float = 0.5
+    """b of Eq. 7 (0 = 'w/o future-aware advantage'). Paper: 0.5 (code: 1.0). appo only."""
+    dual_group: bool = True
+    """Eq. 6 dual groups (False = one group of all M; the prefix rule stays). appo only."""
+    kl_coef: float = 0.0
+    """beta for KL(pi_theta || pi_ref). Paper: 0 (code: 0.001)."""
+    save_every: int = 10
+    """RL steps between checkpoints (a checkpoint is also written at the end)."""
+
+    # --- embedded default: the toy world and its cold-start SFT ---
+    toy_train_size: int = 2000
+    """Questions in the toy train split."""
+    toy_test_size: int = 200
+    """Questions in the held-out toy split."""
+    toy_guess_rate: float = 0.3
+    """Share of SFT traces where the 'teacher' answers from memory (wrong) instead of using the
+    tools: the cold-start data is noisy, as real distilled data is, and RL must learn when tools
+    pay off."""
+    sft_steps: int = 1400
+    """Cold-start SFT steps on the toy traces (paper: 3 epochs of 54K traces)."""
+    sft_batch_size: int = 16
+    """Traces per SFT step."""
+    sft_lr: float = 3e-3
+    """SFT learning rate (paper: 7e-6 for 7B)."""
+
+
+def parse_config(argv):
+    """`--key=value` pairs -> Config. Unknown keys or bad values exit with code 2 naming them."""
+    from transformers import HfArgumentParser
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for arg in argv:
+        key = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else arg
+        if key not in fields and key not in ("h", "help"):
+            print(f"appo.py: unknown setting {arg!r}. Valid: {', '.join(fields)}", file=sys.stderr)
+            sys.exit(2)
+    (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses(argv)  # exits 2 on a bad value
+    checks = {"algo": ("appo", "grpo", "arpo"), "branch_score": ("bs", "entropy", "random"),
+              "omega_anchor": ("prev", "ref", "sampler")}
+    for key, allowed in checks.items():
+        if getattr(cfg, key) not in allowed:
+            print(f"appo.py: --{key}={getattr(cfg, key)!r} is not one of {allowed}", file=sys.stderr)
+            sys.exit(2)
+    if cfg.n_initial < 1 or cfg.group_size < cfg.n_initial or cfg.prompts_per_step < 1:
+        print("appo.py: need 1 <= n_initial <= group_size and prompts_per_step >= 1", file=sys.stderr)
+        sys.exit(2)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward (spec section 1): -1 for a bad format, else correctness in [0, 1]. eval.py imports it.
+# ---------------------------------------------------------------------------------------------
+_TOOL_TAGS = ("python", "search", "result")  # each <tag> must be matched by a </tag>
+_BOXED = re.compile(r"\\boxed\s*\{")
+_TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
+# a plain number, then whitespace and unit words of 2+ letters ("18 dollars"; not "2x", "2 pi")
+_NUM_WITH_UNIT = re.compile(r"^\s*(\\?\$?\s*-?[\d,]*\.?\d+)(?:\s|\\[ ,;!])+(?!pi\b)[A-Za-z]{2,}[A-Za-z .]*$")
+
+
+def extract_answer(response: str) -> str | None:
+    """Content of the last \\boxed{...} inside the last complete <answer>...</answer> block.
+
+    Braces are matched, so nested ones are kept; None when there is no closed answer block,
+    no \\boxed{ in it, or the box is never closed (a truncated response).
+    Example: "<answer>so \\boxed{\\frac{1}{2}}</answer>" -> "\\frac{1}{2}".
+    """
+    end = response.rfind("</answer>")
+    start = response.rfind("<answer>", 0, end) if end >= 0 else -1
+    if start < 0:
+        return None
+    block = response[start + len("<answer>"):end]
+    opens = list(_BOXED.finditer(block))
+    if not opens:
+        return None
+    i, depth = opens[-1].end(), 1
+    for j in range(i, len(block)):
+        depth += {"{": 1, "}": -1}.get(block[j], 0)
+        if depth == 0:
+            return block[i:j].strip()
+    return None
+
+
+def format_ok(response: str) -> bool:
+    """Spec section 1: an <answer> holding a \\boxed{}, and balanced tool tags.
+
+    A response cut off inside a tool call has one more <python>/<search> than closers.
+    Example: "<search>x</search> <result>\\n..\\n</result> <answer>\\boxed{1}</answer>" -> True;
+             "<python>print(1)" -> False.
+    """
+    if extract_answer(response) is None:
+        return False
+    return all(response.count(f"<{t}>") == response.count(f"</{t}>") for t in _TOOL_TAGS)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and articles, squeeze whitespace.
+
+    Example: "The  Big Apple!" -> "big apple".
+    """
+    s = "".join(ch for ch in s.lower() if ch not in string.punctuation)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def token_f1(pred: str, golds: list[str]) -> float:
+    """Max over gold aliases of SQuAD token-F1 between normalised prediction and alias.
+
+    F1 = 2PR/(P+R), P = common/|pred tokens|, R = common/|gold tokens| (multiset overlap).
+    Example: token_f1("New York City", ["NYC", "new york"]) -> 0.8  (P=2/3, R=1).
+    """
+    p_toks = normalize_answer(pred or "").split()
+    best = 0.0
+    for gold in golds:
+        g_toks = normalize_answer(str(gold)).split()
+        common = sum((Counter(p_toks) & Counter(g_toks)).values())
+        if common:
+            prec, rec = common / len(p_toks), common / len(g_toks)
+            best = max(best, 2 * prec * rec / (prec + rec))
+    return best
+
+
+def _light_math_norm(s: str) -> str:
+    """Unwrap \\text{..}-like wrappers and drop a unit word after a plain number.
+
+    math_verify already handles \\dfrac, 1,000, 90^\\circ, 50\\%, "10\\text{ cm}"; this only adds
+    the cases it was measured to miss ("18 dollars", "\\text{10 dollars}").
+    Example: "\\text{10 dollars}" -> "10".
+    """
+    s = _TEXT_WRAP.sub(r"\1", s.strip())
+    m = _NUM_WITH_UNIT.match(s)
+    return m.group(1) if m else s
+
+
+def math_equal(pred: str, gold: str) -> bool:
+    """Mathematical equivalence of a boxed answer and a gold answer, via math_verify.
+
+    Cheap exact-string check first; then math_verify parse+verify on "$...$"-wrapped strings
+    (numbers, fractions, sets, intervals, symbolic expressions; floats compared after rounding
+    to 6 decimals). math_verify's timeouts use SIGALRM, which only works on the main thread, so
+    off it the timeout is disabled. Never raises: any failure counts as not equal.
+    Example: math_equal("0.5", "\\frac{1}{2}") -> True; math_equal("3", "30") -> False.
+    """
+    if pred is None or gold is None:
+        return False
+    pred, gold = _light_math_norm(str(pred)), _light_math_norm(str(gold))
+    if not pred or not gold:
+        return False
+    if pred.replace(" ", "") == gold.replace(" ", ""):
+        return True
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every unparsable answer
+    try:
+        g = mv_parse(f"${gold}$", parsing_timeout=timeout)
+        p = mv_parse(f"${pred}$", parsing_timeout=timeout)
+        return bool(g and p and mv_verify(g, p, timeout_seconds=timeout))
+    except Exception:  # includes math_verify's TimeoutException and sympy errors
+        return False
+
+
+def compute_reward(response: str, golds: list[str], kind: str) -> dict:
+    """Spec section 1 reward: -1 for an invalid format, else correctness in [0, 1].
+
+    score is the correctness of the extracted answer whatever the format (eval reports it);
+    kind "math": 1.0 if math_equal with any gold alias; kind "qa": max token-F1 over aliases.
+    Example: compute_reward("<answer>\\boxed{4}</answer>", ["4"], "math")
+             -> {"reward": 1.0, "format_ok": True, "score": 1.0, "answer": "4"}.
+    """
+    if kind not in ("math", "qa"):
+        raise ValueError(f"kind must be 'math' or 'qa', got {kind!r}")
+    answer = extract_answer(response)
+    if answer is None:
+        score = 0.0
+    elif kind == "math":
+        score = float(any(math_equal(answer, g) for g in golds))
+    else:
+        score = token_f1(answer, golds)
+    ok = format_ok(response)
+    return {"reward": score if ok else -1.0, "format_ok": ok, "score": score, "answer": answer}
+
+
+# ---------------------------------------------------------------------------------------------
+# The equations: pure functions on [B, T] tensors (Eqs. 3-8). Copy them into any trainer.
+# ---------------------------------------------------------------------------------------------
+# Tensors are (B, T): one row per rollout, one column per response token. `mask` is m_t (1 for
+# tokens the model sampled, 0 for tool results and padding), bool or 0/1. Nothing here reads a
+# config or a global; every function can be copied out on its own (with its helpers).
+
+# Two numbers recur: exponents are clamped to [-20, 20] before exp() (exp(20) ~ 4.9e8, finite),
+# and a std below 1e-6 means "all equal" (spec: std < 1e-6 gives Z = 0).
+
+
+def entropy_from_logits(logits):
+    """Eq. 3: H_t = -sum_v p_t(v) log p_t(v), p_t = softmax(z_t / tau), over the full vocabulary.
+
+    The caller divides by the sampling temperature tau first, so H is the entropy of the
+    distribution y_t was actually drawn from. log_softmax keeps it finite for huge logits.
+    Shape (B, T, V) -> (B, T).
+    Example: logits [[[0, 0], [ln 3, 0]]] -> [[ln 2, 0.5623]]  (p = [.75, .25]).
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    return -(logp.exp() * logp).sum(dim=-1)  # (B, T); p * log p -> 0 as p -> 0, no NaN
+
+
+def discounted_reverse_cumsum(x, gamma):
+    """Helper for Eqs. 4 and 7: y_t = sum_{k>=t} gamma^(k-t) x_k along the last dim.
+
+    Computed backwards with y_t = x_t + gamma * y_{t+1}; differentiable, any leading shape.
+    Example: x = [1, 2, 3], gamma = 0.5 -> [2.75, 3.5, 3.0].
+    """
+    running = torch.zeros_like(x[..., 0])  # (...,) y_{T} = 0
+    out = []
+    for t in reversed(range(x.shape[-1])):
+        running = x[..., t] + gamma * running
+        out.append(running)
+    return torch.stack(out[::-1], dim=-1)  # (..., T)
+
+
+def future_values(logp, old_logp, mask, half_life=32.0, clip=(1.0, 1.2)):
+    """Eq. 4, clipped as Eq. 5 uses it:
+    Omega_t = clip(exp(sum_{k>=t} gamma^(k-t) m_k (logp_k - old_logp_k)), clip[0], clip[1]),
+    gamma = 2^(-1/half_life).
+
+    `old_logp` is the anchor policy's log-probs (spec section 2: prev / ref / sampler). Returned
+    detached: Omega only decides where to branch (and, as Afut, scales advantages in Eq. 7).
+    Off-mask positions get a value too (the sum over later sampled tokens); callers use only
+    m_t = 1 positions. Each log-ratio and the exponent are clamped to [-20, 20] so exp never
+    overflows (a change only for log-ratios beyond +-20).
+    Example: log-ratios [0.3, -0.2, 0.1], half_life = 1 (gamma = 0.5): sums [0.225, -0.15, 0.1],
+             exp [1.252, 0.861, 1.105] -> Omega = [1.2, 1.0, 1.1052].
+    """
+    with torch.no_grad():
+        gamma = 2.0 ** (-1.0 / half_life)
+        log_ratio = (logp - old_logp).clamp(-20.0, 20.0)  # (B, T)
+        log_ratio = torch.where(mask.bool(), log_ratio, torch.zeros_like(log_ratio))  # m_k
+        total = discounted_reverse_cumsum(log_ratio, gamma)  # (B, T)
+        return total.clamp(-20.0, 20.0).exp().clamp(clip[0], clip[1])  # (B, T)
+
+
+def zscore(x, mask):
+    """Z(x)_t = (x_t - mean) / std over one row's masked positions (population std), Eq. 5.
+
+    A row whose std < 1e-6, or with no masked position, gives 0; off-mask positions give 0.
+    Example: x = [[1, 2, 3, 100]], mask = [[1, 1, 1, 0]] -> [[-1.2247, 0, 1.2247, 0]]
+             (mean 2, std sqrt(2/3) = 0.8165).
+    """
+    m = mask.bool()
+    x = torch.where(m, x.float(), torch.zeros_like(x, dtype=torch.float))  # ignore off-mask x
+    n = m.sum(dim=-1, keepdim=True).clamp(min=1)  # (B, 1)
+    mean = x.sum(dim=-1, keepdim=True) / n  # (B, 1)
+    var = (((x - mean) ** 2) * m).sum(dim=-1, keepdim=True) / n  # (B, 1) population variance
+    std = var.sqrt()
+    z = (x - mean) / std.clamp(min=1e-6)  # (B, T); clamp only avoids 0/0 where we return 0
+    return torch.where(m & (std >= 1e-6), z, torch.zeros_like(z))
+
+
+def branching_score(entropy, omega, mask):
+    """Eq. 5: BS_t = Z(Omega_t) * Z(H_t), z-scores over one rollout's candidate positions.
+
+    `omega` is already clipped to [1, 1.2] (future_values does it). Zero off the mask, and
+    zero on a row where either score is constant (std ~ 0), e.g. Omega = 1 at step 1.
+    Example: H = [[1, 2, 3]], Omega = [[1.0, 1.1, 1.2]] -> Z's both [-1.2247, 0, 1.2247]
+             -> BS = [[1.5, 0, 1.5]].
+    """
+    return zscore(omega, mask) * zscore(entropy, mask)  # (B, T)
+
+
+def dual_group_advantages(rewards, prompt_ids, is_branch):
+    """Eq. 6 groups: A_n = (R_n - mean_G R) / (std_G R + 1e-6), G = (prompt_id, is_branch).
+
+    One entry per rollout (1-D, length R); population std. A group of one, or a group whose
+    rewards are all equal (std < 1e-6), gives exactly 0: guarding the std keeps float rounding
+    of the mean from turning equal rewards into tiny non-zero advantages. For the single-group
+    ablation (dual_group = False) pass is_branch all False: then G = prompt.
+    Example: prompt 0, initial rewards [1, 0], branch rewards [1, 1, 0]
+             -> [1.0, -1.0, 0.7071, 0.7071, -1.4142]  (first two are +-0.999998 exactly).
+    """
+    rewards = rewards.double()  # float64: exact enough that equal rewards stay equal
+    keys = torch.stack([prompt_ids.long(), is_branch.long()], dim=1)  # (R, 2)
+    _, group = torch.unique(keys, dim=0, return_inverse=True)  # (R,) group id per rollout
+    adv = torch.zeros_like(rewards)
+    for g in group.unique():
+        members = group == g
+        r = rewards[members]
+        std = r.std(unbiased=False)
+        if std >= 1e-6:
+            adv[members] = (r - r.mean()) / (std + 1e-6)
+    return adv.float()
+
+
+def prefix_advantages(adv, root, fork, is_branch, length):
+    """Eq. 6 prefix averaging: the per-token base advantage Abase_t of each initial rollout.
+
+    Token t of initial rollout n is shared with every branch b whose root is n and whose
+    fork[b] > t (a branch keeps y_<fork and re-samples y_fork onward, spec section 2 step 4):
+      Abase_t = A_n                                        if no branch shares t,
+      Abase_t = (A_n + mean_{b sharing t} A_b) / 2         otherwise.
+    adv, root, fork, is_branch: 1-D over all R rollouts; root[i] = index of the initial
+    rollout i descends from (its own index for an initial one); fork is in root's tokens.
+    Returns (R_init, length), initial rollouts in their order of appearance.
+    Example: one initial rollout A = 1.0, branches forking at t = 2 (A = -1) and t = 4 (A = 0.5),
+             length 5 -> [0.375, 0.375, 0.75, 0.75, 1.0].
+    """
+    init = (~is_branch.bool()).nonzero().squeeze(1)  # (N,) rollout index of each initial one
+    branch = is_branch.bool().nonzero().squeeze(1)  # (Nb,)
+    row_of = torch.full_like(root, -1)
+    row_of[init] = torch.arange(len(init))  # rollout index -> row in the output
+    rows = row_of[root[branch]]  # (Nb,) output row of each branch's root
+    shares = torch.arange(length)[None, :] < fork[branch][:, None]  # (Nb, T) t < fork_b
+    total = torch.zeros(len(init), length).index_add_(0, rows, shares * adv[branch, None].float())
+    count = torch.zeros(len(init), length).index_add_(0, rows, shares.float())  # (N, T)
+    own = adv[init].float()[:, None].expand(-1, length)  # (N, T) A_n^init
+    return torch.where(count > 0, (own + total / count.clamp(min=1)) / 2, own)
+
+
+def future_aware_advantage(advantages, logp, old_logp, mask, half_life, future_weight, dual_clip):
+    """Eq. 7: Ahat_t = Abase_t * (1 + b * Afut_t), with no gradient, where
+    Afut_t = clip(exp(F_t), 1, 1.2),  F_t = sum_{k>=t} gamma^(k-t) m_k p_k Delta_k,
+    Delta_k = clamp(logp_k - old_logp_k, -20, 20),  p_k = [Delta_k <= log c] (c = dual_clip).
+
+    Afut is Eq. 4's Omega with the old policy as anchor and with tokens the dual clip would
+    cap left out of the sum (p_k = 0), so one runaway ratio cannot inflate every earlier token.
+    b = future_weight; b = 0 is the "w/o future-aware advantage" ablation (Ahat = Abase).
+    Returns (adv_hat, afut), both (B, T) and detached.
+    Example: Abase = [[1, 1]], Delta = [[0.1, 0.05]], half_life = 1, b = 0.5:
+             F = [0.125, 0.05], Afut = [1.1331, 1.0513] -> Ahat = [[1.5666, 1.5256]].
+    """
+    with torch.no_grad():
+        delta = (logp - old_logp).clamp(-20.0, 20.0)  # (B, T)
+        takes_part = mask.bool() & (delta <= math.log(dual_clip))  # (B, T) m_k * p_k
+        afut = future_values(logp, old_logp, takes_part, half_life, clip=(1.0, 1.2))  # (B, T)
+        return advantages * (1.0 + future_weight * afut), afut
+
+
+def clipped_token_loss(ratio, adv_hat, clip_low, clip_high, dual_clip):
+    """Eq. 8, per token: l_t = max(-Ahat r, -Ahat clip(r, 1 - eps_low, 1 + eps_high)), and
+    where Ahat < 0: l_t = min(l_t, -Ahat * c) (dual clip, c = dual_clip).
+
+    Returns (loss, clipped, dual_clipped), all (B, T). clipped marks tokens where the clipped
+    term is the larger one (it binds: r > 1 + eps_high with Ahat > 0, r < 1 - eps_low with
+    Ahat < 0); dual_clipped marks tokens where the cap -Ahat * c binds. Both carry no gradient.
+    Example: Ahat = [1, -1], r = [1.5, 10], eps = (0.2, 0.28), c = 3
+             -> l = [-1.28 (clipped), 3.0 (dual-clipped; -Ahat r would be 10)].
+    """
+    unclipped = -adv_hat * ratio  # (B, T)
+    clipped_term = -adv_hat * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (B, T)
+    loss = torch.maximum(unclipped, clipped_term)
+    cap = -adv_hat * dual_clip  # (B, T) only meaningful where Ahat < 0
+    dual_clipped = (adv_hat < 0) & (loss > cap)
+    loss = torch.where(dual_clipped, cap, loss)
+    return loss, (clipped_term > unclipped).detach(), dual_clipped.detach()
+
+
+def per_rollout_mean(x, mask):
+    """Eq. 8 aggregation: mean over each row's m_t = 1 tokens, then mean over rows.
+
+    Every row counts once whatever its length (token-mean would weight long rollouts more); a
+    row with no m_t = 1 token contributes 0 and still counts in the row mean.
+    Example: x = [[-1, -1], [2, 9]], mask = [[1, 1], [1, 0]] -> (-1 + 2) / 2 = 0.5
+             (token mean would be (-1 - 1 + 2) / 3 = 0).
+    """
+    m = mask.float()
+    row_mean = (x * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1)  # (B,)
+    return row_mean.mean()
+
+
+def masked_mean(x, mask):
+    """Mean of x over all m_t = 1 tokens of the batch, as a python float (for metrics; 0 if none).
+
+    Example: x = [[1, 5], [3, 7]], mask = [[1, 0], [1, 0]] -> 2.0.
+    """
+    m = mask.bool()
+    return x.detach()[m].float().mean().item() if m.any() else 0.0
+
+
+def appo_policy_loss(logp, old_logp, advantages, mask, *, half_life=32.0, future_weight=0.5,
+                     clip_low=0.2, clip_high=0.28, dual_clip=3.0, ref_logp=None, kl_coef=0.0):
+    """Eqs. 7-8: the APPO policy loss on initial rollouts. All inputs (B, T); advantages = Abase_t.
+
+    Delta = clamp(logp - old_logp, -20, 20); r = exp(Delta); Ahat from Eq. 7 (no gradient);
+    per-token dual-clipped PPO loss; optional + kl_coef * (exp(q) - q - 1), q = ref_logp - logp;
+    aggregated per rollout then over rollouts (Eq. 8). Gradient flows only through logp.
+    metrics (floats, means over all m_t = 1 tokens): loss, clipfrac, dual_clipfrac (see
+    clipped_token_loss), approx_kl = mean of (r - 1) - log r (k3, >= 0), ratio/mean,
+    adv_hat/mean, afut/mean, and kl when the KL term is on.
+    Example: Abase = [[1, 1]], Delta = [[0.1, 0.05]], half_life = 1, defaults otherwise:
+             Ahat = [1.5666, 1.5256], r = [1.1052, 1.0513]
+             -> loss = -(1.7314 + 1.6039) / 2 = -1.6676.
+    """
+    old_logp, advantages = old_logp.detach(), advantages.detach()
+    adv_hat, afut = future_aware_advantage(advantages, logp.detach(), old_logp, mask,
+                                           half_life, future_weight, dual_clip)  # (B, T) each
+    delta = (logp - old_logp).clamp(-20.0, 20.0)  # (B, T) log r_t, the only path to a gradient
+    ratio = delta.exp()  # (B, T)
+    token_loss, clipped, dual_clipped = clipped_token_loss(ratio, adv_hat, clip_low, clip_high,
+                                                           dual_clip)
+    metrics = {}
+    if ref_logp is not None and kl_coef > 0:
+        q = (ref_logp.detach() - logp).clamp(-20.0, 20.0)  # (B, T)
+        kl = q.exp() - q - 1.0  # (B, T) low-variance estimator of KL(pi_theta || pi_ref)
+        token_loss = token_loss + kl_coef * kl
+        metrics["kl"] = masked_mean(kl, mask)
+    loss = per_rollout_mean(token_loss, mask)
+    metrics.update({
+        "loss": loss.item(), "clipfrac": masked_mean(clipped, mask),
+        "dual_clipfrac": masked_mean(dual_clipped, mask),
+        "approx_kl": masked_mean(ratio - 1.0 - delta, mask), "ratio/mean": masked_mean(ratio, mask),
+        "adv_hat/mean": masked_mean(adv_hat, mask), "afut/mean": masked_mean(afut, mask)})
+    return loss, metrics
+
+
+def select_branch_points(entropy, omega, candidates, k, rule="bs", generator=None):
+    """Spec section 2 step 3: up to k branch points per rollout (row) among `candidates` (B, T).
+
+    rule "bs": Z-scores over the row's candidates; first the strict tier Z(H) > 0 and
+      Z(Omega) > 0 by BS = Z(Omega) Z(H) descending, then the rest by BS descending. Where
+      Z(Omega) is 0 on every candidate (degenerate, e.g. step 1), rank by Z(H) alone.
+    rule "entropy": by H descending (ablation; ARPO's rule). rule "random": uniform (generator).
+    Returns points (per row, positions in rank order), priority (per row, the value ranked by;
+    bs strict-tier points get +1e6 so they outrank every fill point when a caller keeps the
+    global top), degenerate (B,) bool: rows ranked by Z(H) alone (always False for other rules).
+    Ties keep position order. Fewer candidates than k gives all; none gives [].
+    Example: H = [[0, 1, 3, 4]], Omega = [[1.0, 1.2, 1.2, 1.0]], all candidates, k = 2:
+             Z(H) = [-1.26, -0.63, 0.63, 1.26], Z(Omega) = [-1, 1, 1, -1], BS = [1.26, -0.63,
+             0.63, -1.26]; strict tier = {2} -> points [[2, 0]], priority [[1e6 + 0.63, 1.26]].
+    """
+    cand = candidates.bool()
+    z_h, z_omega = zscore(entropy, cand).double(), zscore(omega, cand).double()  # (B, T)
+    strict = (z_h > 0) & (z_omega > 0)  # (B, T) uncertain and consequential
+    degenerate = cand.any(-1) & ~((z_omega != 0) & cand).any(-1)  # (B,) Z(Omega) all 0
+    if rule != "bs":
+        degenerate = torch.zeros_like(degenerate)  # only the bs rule falls back to Z(H)
+    points, priority = [], []
+    for row in range(cand.shape[0]):
+        idx = cand[row].nonzero().squeeze(1)  # (n,) candidate positions
+        if rule == "random":
+            key = torch.rand(len(idx), generator=generator, dtype=torch.double)
+        elif rule == "entropy":
+            key = entropy[row, idx].double()
+        elif rule == "bs":
+            # +1e6 puts the strict tier first: |BS| <= #candidates, far below 1e6
+            bs = z_h[row, idx] * z_omega[row, idx] + 1e6 * strict[row, idx]
+            key = z_h[row, idx] if degenerate[row] else bs
+        else:
+            raise ValueError(f"rule must be 'bs', 'entropy' or 'random', got {rule!r}")
+        order = torch.argsort(key, descending=True, stable=True)[:k]
+        points.append(idx[order].tolist())
+        priority.append(key[order].tolist())
+    return points, priority, degenerate
+
+
+# ---------------------------------------------------------------------------------------------
+# The agent loop: batched generation that pauses at tool calls (spec section 1)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """One response y_1..y_T to one prompt, with the tree bookkeeping of spec section 2."""
+    example: int                                        # index of its question in the batch (Eq. 6's prompt)
+    prompt: list                                        # prompt token ids
+    tokens: list = field(default_factory=list)          # response y_1..y_T (tool results included)
+    mask: list = field(default_factory=list)            # m_t: 1 sampled by the model, 0 tool result
+    sampler_logp: list = field(default_factory=list)    # log pi(y_t) seen while sampling (anchor 'sampler')
+    calls: list = field(default_factory=list)           # (name, payload, end): end = len(tokens) after its result
+    done: bool = False
+    truncated: bool = False                             # ran out of response tokens
+    parent: int = -1                                    # rollout it branched from (-1: initial rollout)
+    root: int = -1                                      # initial rollout at the top of its lineage
+    fork: int = 0                                       # y_<fork shared with the parent, y_fork re-sampled
+    root_fork: int = 0                                  # where its lineage left the root's tokens
+    text: str = ""                                      # decoded response
+    reward: float = 0.0
+    score: float = 0.0
+    format_ok: bool = False
+
+    @property
+    def tool_calls(self):
+        return len(self.calls)
+
+    @property
+    def n_generated(self):
+        return sum(self.mask)
+
+
+def build_prompt(tokenizer, question, kind="qa", system_prompt=None, messages=None):
+    """Prompt token ids: the chat template when the tokenizer has one, else plain text (the toy).
+    `messages` (a verl row's chat prompt) replaces the system prompt + question."""
+    if messages is None:
+        messages = [{"role": "system", "content": system_prompt or Config.system_prompt},
+                    {"role": "user", "content": question}]
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    system = " ".join(m["content"] for m in messages if m["role"] == "system")
+    user = " ".join(m["content"] for m in messages if m["role"] != "system")
+    return tokenizer(build_prompt_text(user, system), add_special_tokens=False)["input_ids"]
+
+
+def build_prompt_text(question, system_prompt):
+    """The plain-text prompt for a tokenizer without a chat template (the toy's)."""
+    return f"{system_prompt}\nQuestion: {question}\n"
+
+
+def _stop_index(tokenizer, new_ids, stops):
+    """Length of the prefix of `new_ids` that ends with the first stop string (None if none)."""
+    for j in range(1, len(new_ids) + 1):
+        if any(s in tokenizer.decode(new_ids[max(0, j - 8):j]) for s in stops):
+            return j
+    return None
+
+
+@torch.no_grad()
+def generate_segment(model, tokenizer, rollouts, cfg, greedy, want_logp):
+    """Every rollout samples until a closing tool tag, </answer>, EOS or its token budget."""
+    from transformers import GenerationConfig
+    stops = list(tools.STOP_STRINGS) + ["</answer>"]
+    pad = tokenizer.pad_token_id
+    seqs = [r.prompt + r.tokens for r in rollouts]
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=model.device)  # (b, L) left-padded
+    attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=model.device)
+    budget = max(cfg.max_response_tokens - len(r.tokens) for r in rollouts)
+    gen = GenerationConfig(
+        do_sample=not greedy, temperature=cfg.temperature if not greedy else None,
+        top_p=cfg.top_p if not greedy else None, top_k=0 if not greedy else None,
+        max_new_tokens=budget, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        stop_strings=stops, return_dict_in_generate=True, output_logits=want_logp)
+    out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen, tokenizer=tokenizer)
+    new = out.sequences[:, width:].tolist()                                          # (b, n)
+    if want_logp:
+        logits = torch.stack(out.logits, 1).float() / max(cfg.temperature, 1e-6)     # (b, n, V)
+        logp = logits.log_softmax(-1).gather(-1, out.sequences[:, width:, None])[..., 0].tolist()
+    for i, r in enumerate(rollouts):
+        row = new[i][:cfg.max_response_tokens - len(r.tokens)]
+        if pad != tokenizer.eos_token_id and pad in row:                          # filler after a stop
+            row = row[:row.index(pad)]
+        end = len(row)
+        if tokenizer.eos_token_id in row:
+            end = row.index(tokenizer.eos_token_id) + 1
+        stop = _stop_index(tokenizer, row[:end], stops)
+        end = stop or end
+        r.tokens += row[:end]
+        r.mask += [1] * end
+        r.sampler_logp += logp[i][:end] if want_logp else [0.0] * end
+        segment = tokenizer.decode(row[:end])
+        if stop is None or "</answer>" in segment or row[end - 1:end] == [tokenizer.eos_token_id]:
+            r.done = True
+            r.truncated = stop is None and tokenizer.eos_token_id not in row[:end]
+        yield r, segment
+
+
+def generate_rollouts(model, tokenizer, rollouts, cfg, search, greedy=False):
+    """The tool loop (spec section 1), batched: generate, run the tool calls concurrently, append
+    their results as masked tokens (m_t = 0), resume; until every rollout is done."""
+    want_logp = cfg.omega_anchor == "sampler" and not greedy
+    while live := [r for r in rollouts if not r.done]:
+        pending = []                                                 # rollouts waiting on a tool
+        for start in range(0, len(live), cfg.gen_batch_size):
+            for r, segment in generate_segment(model, tokenizer, live[start:start + cfg.gen_batch_size],
+                                               cfg, greedy, want_logp):
+                if not r.done:
+                    pending.append((r, tools.parse_tool_call(segment)))
+        batch = []
+        for r, call in pending:
+            if call is None:
+                batch.append(("error", "the text before </python> or </search> is not a tool call", ()))
+            elif len(r.calls) >= cfg.max_tool_calls:
+                batch.append(("error", f"tool-call limit ({cfg.max_tool_calls}) reached; give your answer", ()))
+            else:
+                history = [p for n, p, _ in r.calls if n == "python"]
+                batch.append((call[0], call[1], history))
+        results = tools.run_tool_calls(batch, search=search, timeout=cfg.tool_timeout)
+        for (r, _), (name, payload, _), result in zip(pending, batch, results):
+            ids = tokenizer(tools.format_result(result), add_special_tokens=False)["input_ids"]
+            room = cfg.max_response_tokens - len(r.tokens)
+            r.tokens += ids[:room]
+            r.mask += [0] * len(ids[:room])
+            r.sampler_logp += [0.0] * len(ids[:room])
+            if name != "error":
+                r.calls.append((name, payload, len(r.tokens)))
+            if len(ids) >= room:                                     # cut inside a tool result
+                r.done, r.truncated = True, True
+    for r in rollouts:
+        r.text = tokenizer.decode(r.tokens, skip_special_tokens=True)
+    return rollouts
+
+
+def run_agent(model, tokenizer, prompts, cfg, search, *, greedy=False):
+    """Answer each prompt (token ids) once with the tool loop. Used by evaluation and eval.py."""
+    rollouts = [Rollout(example=i, prompt=list(p), root=i) for i, p in enumerate(prompts)]
+    return generate_rollouts(model, tokenizer, rollouts, cfg, search, greedy=greedy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities of responses under a policy (the branching score and the loss share it)
+# ---------------------------------------------------------------------------------------------
+def pad_batch(rollouts, pad_id, device):
+    """Prompts left-padded and responses right-padded, so response position t is column P + t."""
+    P = max(len(r.prompt) for r in rollouts)
+    T = max(max(len(r.tokens) for r in rollouts), 1)
+    ids, attn, mask = [], [], []
+    for r in rollouts:
+        p, t = len(r.prompt), len(r.tokens)
+        ids.append([pad_id] * (P - p) + r.prompt + r.tokens + [pad_id] * (T - t))
+        attn.append([0] * (P - p) + [1] * (p + t) + [0] * (T - t))
+        mask.append(r.mask + [0] * (T - t))
+    as_tensor = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
+    return as_tensor(ids, torch.long), as_tensor(attn, torch.long), as_tensor(mask, torch.float), P
+
+
+def response_logprobs(model, rollouts, temperature, pad_id, with_entropy=False):
+    """log pi(y_t | s_t) at temperature tau for every response token -> (logp, entropy, mask),
+    each (b, T). Gradients flow through logp when called with grad enabled."""
+    ids, attn, mask, P = pad_batch(rollouts, pad_id, model.device)
+    T = mask.shape[1]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)                                  # RoPE positions skip left pads
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                   logits_to_keep=T + 1).logits[:, :-1].float() / temperature  # (b, T, V): predicts y_t
+    logp = logits.log_softmax(-1).gather(-1, ids[:, P:, None])[..., 0]        # (b, T)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits)                             # (b, T), Eq. 3
+    return logp, entropy, mask
+
+
+@torch.no_grad()
+def score_rollouts(model, rollouts, cfg, pad_id, with_entropy=False):
+    """Per-rollout log-probs (and entropies) under `model`, in micro-batches, as CPU lists."""
+    logps, ents = [], []
+    for i in range(0, len(rollouts), cfg.micro_batch_size):
+        chunk = rollouts[i:i + cfg.micro_batch_size]
+        logp, ent, _ = response_logprobs(model, chunk, cfg.temperature, pad_id, with_entropy)
+        for j, r in enumerate(chunk):
+            logps.append(logp[j, :len(r.tokens)].cpu())
+            ents.append(ent[j, :len(r.tokens)].cpu() if with_entropy else None)
+    return logps, ents
+
+
+def stack_rows(rows, T=None):
+    """List of 1-D tensors -> right-padded (b, T) tensor."""
+    T = T or max(max(len(x) for x in rows), 1)
+    return torch.stack([F.pad(x.float(), (0, T - len(x))) for x in rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# The rollout tree (spec section 2): N rollouts, branch at the top-B points, until M per prompt
+# ---------------------------------------------------------------------------------------------
+def branch_from(parent, index, t):
+    """A new rollout that keeps y_<t of `parent` (tool results and python state included) and will
+    re-sample y_t onward. Decision: the reference code keeps y_t; H_t is the uncertainty of y_t."""
+    return Rollout(
+        example=parent.example, prompt=parent.prompt, tokens=parent.tokens[:t], mask=parent.mask[:t],
+        sampler_logp=parent.sampler_logp[:t], calls=[c for c in parent.calls if c[2] <= t],
+        parent=index, root=parent.root, fork=t,
+        root_fork=t if parent.parent < 0 else parent.root_fork)
+
+
+def candidate_mask(rollouts, content_ids, algo):
+    """Where a branch may start (spec section 2): sampled tokens (m_t = 1) that are not whitespace
+    or punctuation and not the last token, after the rollout's own fork. ARPO: only the first
+    sampled token after each tool result."""
+    rows = []
+    for r in rollouts:
+        m = torch.tensor(r.mask, dtype=torch.bool)
+        ok = m & content_ids[torch.tensor(r.tokens, dtype=torch.long)] if r.tokens else m
+        if algo == "arpo":
+            after_tool = torch.zeros_like(m)
+            after_tool[1:] = m[1:] & ~m[:-1]
+            ok = after_tool
+        if len(ok):
+            ok[-1] = False
+        ok[:r.fork + 1 if r.parent >= 0 else 0] = False
+        rows.append(ok)
+    return stack_rows(rows).bool()
+
+
+def expand_tree(model, anchor, tokenizer, prompts, cfg, search, content_ids, stats):
+    """All rollouts of one RL step: N per prompt, then rounds of branching until M per prompt.
+    Returns the rollouts (initial ones first); fills `stats` with branching metrics."""
+    n_init = cfg.group_size if cfg.algo == "grpo" else cfg.n_initial
+    rollouts = [Rollout(example=i, prompt=p) for i, p in enumerate(prompts) for _ in range(n_init)]
+    for i, r in enumerate(rollouts):
+        r.root = i
+    generate_rollouts(model, tokenizer, rollouts, cfg, search)
+    frontier = list(range(len(rollouts)))
+    rule = "entropy" if cfg.algo == "arpo" else cfg.branch_score
+    stats.update({"branch/omega_degenerate": 0, "branch/scored": 0, "branch/rounds": 0})
+    while frontier:
+        count = [0] * len(prompts)
+        for r in rollouts:
+            count[r.example] += 1
+        frontier = [i for i in frontier if count[rollouts[i].example] < cfg.group_size]
+        if not frontier:
+            break
+        ##### branching score (Eqs. 3-5) on the newest rollouts #####
+        rows = [rollouts[i] for i in frontier]
+        logp, ent = score_rollouts(model, rows, cfg, tokenizer.pad_token_id, with_entropy=True)
+        if cfg.omega_anchor == "sampler":
+            anchor_logp = [torch.tensor(r.sampler_logp) for r in rows]
+        else:
+            anchor_logp, _ = score_rollouts(anchor, rows, cfg, tokenizer.pad_token_id)
+        mask = stack_rows([torch.tensor(r.mask) for r in rows])
+        omega = future_values(stack_rows(logp), stack_rows(anchor_logp), mask, half_life=cfg.half_life)
+        cands = candidate_mask(rows, content_ids, cfg.algo)
+        points, priority, degenerate = select_branch_points(
+            stack_rows(ent), omega, cands, cfg.branch_points, rule=rule)
+        stats["branch/omega_degenerate"] += int(degenerate.sum()) if rule == "bs" else 0
+        stats["branch/scored"] += int(cands.any(-1).sum())                    # rows that could branch
+        stats["branch/rounds"] += 1
+        ##### keep the globally best points where a round would overshoot M #####
+        by_prompt = {}
+        for i, pts, pri in zip(frontier, points, priority):
+            for t, p in zip(pts, pri):
+                by_prompt.setdefault(rollouts[i].example, []).append((p, i, t))
+        new = []
+        for ex, cand in by_prompt.items():
+            cand.sort(key=lambda c: -c[0])
+            for _, i, t in cand[:cfg.group_size - count[ex]]:
+                new.append(branch_from(rollouts[i], i, t))
+        if not new:
+            break
+        generate_rollouts(model, tokenizer, new, cfg, search)
+        frontier = list(range(len(rollouts), len(rollouts) + len(new)))
+        rollouts += new
+    if cfg.algo == "arpo":   # Decision: ARPO's shortfall (rollouts without tool calls) -> fresh rollouts
+        count = [0] * len(prompts)
+        for r in rollouts:
+            count[r.example] += 1
+        extra = [Rollout(example=e, prompt=prompts[e]) for e in range(len(prompts))
+                 for _ in range(cfg.group_size - count[e])]
+        for j, r in enumerate(extra):
+            r.root = len(rollouts) + j
+        generate_rollouts(model, tokenizer, extra, cfg, search)
+        rollouts += extra
+    return rollouts
+
+
+# ---------------------------------------------------------------------------------------------
+# Credit and update (spec section 3)
+# ---------------------------------------------------------------------------------------------
+def rollout_advantages(rollouts, cfg):
+    """Base advantage per token for the rollouts that are trained -> (trained rollouts, rows).
+    appo: Eq. 6 dual groups, prefix-averaged on the initial rollouts, which alone are trained.
+    grpo / arpo: one group per prompt, every rollout trained, one value per rollout."""
+    R = torch.tensor([r.reward for r in rollouts])
+    prompt = torch.tensor([r.example for r in rollouts])
+    is_branch = torch.tensor([r.parent >= 0 for r in rollouts])
+    if cfg.algo != "appo":
+        adv = dual_group_advantages(R, prompt, torch.zeros_like(is_branch))
+        return rollouts, [torch.full((len(r.tokens),), float(a)) for r, a in zip(rollouts, adv)]
+    adv = dual_group_advantages(R, prompt, is_branch if cfg.dual_group else torch.zeros_like(is_branch))
+    root = torch.tensor([r.root for r in rollouts])
+    fork = torch.tensor([r.root_fork for r in rollouts])
+    T = max(max(len(r.tokens) for r in rollouts), 1)
+    per_token = prefix_advantages(adv, root, fork, is_branch, T)              # (N_init, T)
+    train = [r for r in rollouts if r.parent < 0]                             # initial rollouts come first
+    return train, [per_token[i, :len(r.tokens)] for i, r in enumerate(train)]
+
+
+def ppo_update(model, optimizer, train, advs, old_logps, ref_logps, cfg, pad_id):
+    """PPO mini-batches over prompts, micro-batches for memory; one optimizer step per mini-batch.
+    A non-finite loss or gradient skips that optimizer step and is counted."""
+    b = cfg.future_weight if cfg.algo == "appo" else 0.0                       # Eq. 7 is APPO's
+    by_prompt = {}
+    for i, r in enumerate(train):
+        by_prompt.setdefault(r.example, []).append(i)
+    sums, n_rows, skipped, updates = {}, 0, 0, 0
+    for _ in range(cfg.ppo_epochs):
+        order = list(by_prompt)
+        random.shuffle(order)
+        for start in range(0, len(order), cfg.mini_batch_prompts):
+            idx = [i for e in order[start:start + cfg.mini_batch_prompts] for i in by_prompt[e]]
+            optimizer.zero_grad(set_to_none=True)
+            finite = True
+            for m0 in range(0, len(idx), cfg.micro_batch_size):
+                micro = idx[m0:m0 + cfg.micro_batch_size]
+                logp, ent, mask = response_logprobs(model, [train[i] for i in micro], cfg.temperature,
+                                                    pad_id, with_entropy=True)
+                T = logp.shape[1]
+                row = lambda xs: stack_rows([xs[i] for i in micro], T).to(logp.device)
+                loss, metrics = appo_policy_loss(
+                    logp, row(old_logps), row(advs), mask, half_life=cfg.half_life, future_weight=b,
+                    clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+                    ref_logp=row(ref_logps) if ref_logps else None, kl_coef=cfg.kl_coef)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                (loss * len(micro) / len(idx)).backward()                      # Eq. 8: mean over rollouts
+                metrics["entropy"] = float((ent * mask).sum() / mask.sum().clamp(min=1))
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v * len(micro)
+                n_rows += len(micro)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if finite else None
+            if not finite or not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            optimizer.step()
+            updates += 1
+    out = {k: v / max(n_rows, 1) for k, v in sums.items()}
+    out.update({"update/skipped_nonfinite": skipped, "update/optimizer_steps": updates})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default: a toy tool world small enough to learn on a laptop CPU
+# ---------------------------------------------------------------------------------------------
+def toy_world(cfg):
+    """Fictional facts and questions that need a tool: arithmetic a 2M-parameter model cannot do
+    in its head (python), and one- and two-hop questions about invented people and companies
+    (search over a generated corpus). No test question is a train question; the people and
+    companies are shared, so every name is a token the model has seen (a never-trained embedding
+    cannot be copied). Returns (train, test, corpus): examples {question, answer: [aliases], kind}
+    and passages."""
+    rng = random.Random(cfg.seed)
+    syllables = "ka lo ve ri ta mon zu bel dra fi ne os pra ul gar min so vik al dun pe tor".split()
+    used = set()
+
+    def name(parts, suffix=""):
+        while (n := "".join(rng.choice(syllables) for _ in range(parts)).capitalize() + suffix) in used:
+            pass
+        used.add(n)
+        return n
+
+    cities = [name(3) for _ in range(40)]
+    people = [name(3) for _ in range(300)]
+    born = {p: rng.choice(cities) for p in people}
+    mentor = {p: rng.choice([q for q in people if q != p]) for p in people}
+    companies = [name(2) for _ in range(150)]
+    founder = {c: rng.choice(people) for c in companies}
+    based = {c: rng.choice(cities) for c in companies}
+    corpus = [{"id": str(i), "contents": f'"{p}"\n{p} was born in {born[p]}. {p} was mentored by {mentor[p]}.'}
+              for i, p in enumerate(people)]
+    corpus += [{"id": str(len(people) + i), "contents": f'"{c}"\n{c} is a company based in {based[c]}. '
+                f'It was founded by {founder[c]}.'} for i, c in enumerate(companies)]
+
+    def questions(ppl, comps, n):
+        out, seen = [], set()
+        while len(out) < n:
+            kind = rng.choice(["mul", "muladd", "born", "founder_born", "founder_mentor"])
+            if kind == "mul":             # results stay below 1000: every number is one token
+                a, b = rng.randint(11, 99), rng.randint(2, 9)
+                q, code, gold = f"What is {a} * {b}?", f"{a} * {b}", str(a * b)
+            elif kind == "muladd":
+                a, b, c = rng.randint(10, 99), rng.randint(2, 9), rng.randint(11, 99)
+                q, code, gold = f"What is {a} + {b} * {c}?", f"{a} + {b} * {c}", str(a + b * c)
+            elif kind == "born":
+                p = rng.choice(ppl)
+                q, hops, gold = f"Where was {p} born?", [p], born[p]
+                shortcut = rng.choice([c for c in cities if c != gold])
+            else:
+                c = rng.choice(comps)
+                p = founder[c]
+                q = f"Where was the founder of {c} born?" if kind == "founder_born" else f"Who mentored the founder of {c}?"
+                hops, gold = [c, p], born[p] if kind == "founder_born" else mentor[p]
+                shortcut = based[c] if kind == "founder_born" else p   # what the first hop shows
+            if q in seen:
+                continue
+            seen.add(q)
+            ex = {"question": q, "answer": [gold], "kind": "math" if kind.startswith("mul") else "qa"}
+            if ex["kind"] == "math":
+                ex["code"] = code
+            else:
+                ex["hops"], ex["shortcut"] = hops, shortcut
+            out.append(ex)
+        return out
+
+    train = questions(people, companies, cfg.toy_train_size)
+    train_q = {e["question"] for e in train}
+    test = [e for e in questions(people, companies, 3 * cfg.toy_test_size) if e["question"] not in train_q]
+    return train, test[:cfg.toy_test_size], corpus
+
+
+def toy_trace(ex, search, rng, guess_rate):
+    """A cold-start SFT trace as (text, is_tool_result) segments. With probability `guess_rate` the
+    'teacher' skips the tool (math) or the second hop (search) and answers wrong, as weak distilled
+    data does; RL has to find out that the tools pay."""
+    gold = ex["answer"][0]
+    box = lambda a: f" <answer>\\boxed{{{a}}}</answer>"
+    guess = rng.random() < guess_rate
+    if ex["kind"] == "math":
+        if guess:
+            return [(box(int(gold) + rng.choice([-1, 1]) * rng.randint(1, 400))[1:], False)]
+        return [(f"<python>print({ex['code']})</python>", False),
+                (tools.format_result(gold), True), (box(gold), False)]          # what print() shows
+    if guess:   # one hop short: answer with what the first passage says (or a random city)
+        hops = ex["hops"][:-1]
+    segments = []
+    for k, hop in enumerate(hops if guess else ex["hops"]):
+        segments += [(f"<search>{hop}</search>" if k == 0 else f" <search>{hop}</search>", False),
+                     (tools.format_result(search(hop)), True)]
+    if guess:
+        return segments + [(box(ex["shortcut"]) if segments else box(ex["shortcut"])[1:], False)]
+    return segments + [(box(gold), False)]
+
+
+def build_toy(cfg):
+    """World, tokenizer, tiny model and cold-start SFT, each cached in out_dir. -> (sft model path,
+    train, test)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    world = os.path.join(cfg.out_dir, "world")
+    paths = {k: os.path.join(world, f"{k}.jsonl") for k in ("train", "test", "corpus")}
+    if not all(os.path.exists(p) for p in paths.values()):
+        train, test, corpus = toy_world(cfg)
+        os.makedirs(world, exist_ok=True)
+        for k, rows in zip(("train", "test", "corpus"), (train, test, corpus)):
+            write_jsonl(paths[k], rows)
+    train, test = read_jsonl(paths["train"]), read_jsonl(paths["test"])
+    cfg.search_corpus = cfg.search_corpus or paths["corpus"]
+    cfg.system_prompt = "Use <python> or <search> if needed. End with <answer> \\boxed{} </answer>."
+    sft_dir = os.path.join(cfg.out_dir, "sft")
+    if os.path.exists(os.path.join(sft_dir, "config.json")):
+        return sft_dir, train, test
+    search = make_search(cfg)
+    rng = random.Random(cfg.seed)
+    math = [ex for ex in train if ex["kind"] == "math"]
+    for ex in math[:4]:   # the python tool prints exactly the gold answer; check, then skip 1,000 subprocesses
+        assert tools.python_tool(f"print({ex['code']})") == ex["answer"][0], ex
+    traces = [(ex, toy_trace(ex, search, rng, cfg.toy_guess_rate)) for ex in train]
+    ##### tokenizer: byte-level BPE where spaces and punctuation stand alone and every name and every
+    ##### number below 1000 is one token, the same in the question, the passage and the answer, so a
+    ##### tiny model only has to copy single tokens
+    init_dir = os.path.join(cfg.out_dir, "init")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\s"), "isolated"), pre_tokenizers.Punctuation("isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    texts = [build_prompt_text(ex["question"], cfg.system_prompt) + "".join(s for s, _ in tr) for ex, tr in traces]
+    texts += [p["contents"] for p in read_jsonl(paths["corpus"])] + [" ".join(map(str, range(1000)))] * 2
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=4096, special_tokens=["<|pad|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>")
+    ##### a tiny Llama-architecture model, saved and loaded back like any Hub model. Not Qwen2:
+    ##### transformers 5 swaps in Qwen2's own tokenizer for a qwen2 config, dropping ours #####
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(cfg.seed)
+    LlamaForCausalLM(config).save_pretrained(init_dir)
+    tokenizer.save_pretrained(init_dir)
+    model, tokenizer = load_model(init_dir, cfg)
+    if tokenizer.tokenize("714") != ["714"]:
+        raise RuntimeError(f"the toy tokenizer did not load back intact from {init_dir} ({type(tokenizer).__name__})")
+    ##### cold-start SFT on the traces; loss only on the model's own tokens (m_t = 1) #####
+    rows = []
+    for ex, trace in traces:
+        r = Rollout(example=0, prompt=build_prompt(tokenizer, ex["question"], ex["kind"], cfg.system_prompt))
+        for text, is_result in trace:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            r.tokens += ids
+            r.mask += [0 if is_result else 1] * len(ids)
+        r.tokens.append(tokenizer.eos_token_id)
+        r.mask.append(1)
+        rows.append(r)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))   # warm-up, then flat
+    model.train()
+    bar = progress(range(cfg.sft_steps), desc="sft")
+    for step in bar:
+        batch = rng.sample(rows, cfg.sft_batch_size)
+        logp, _, mask = response_logprobs(model, batch, 1.0, tokenizer.pad_token_id)
+        loss = -(logp * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    save_hf(model, tokenizer, sft_dir)
+    return sft_dir, train, test
+
+
+# ---------------------------------------------------------------------------------------------
+# Infrastructure: data, models, checkpoints, logging (kept out of the math)
+# ---------------------------------------------------------------------------------------------
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def progress(iterable=None, **kw):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, dynamic_ncols=True, mininterval=1.0, **kw)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def load_model(name_or_path, cfg):
+    """Any Hugging Face causal LM -> (model, tokenizer) on cfg.device; bf16 on GPU by default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    device = pick_device(cfg.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = True      # generation still uses the KV cache
+    model.eval()
+    return model, tokenizer
+
+
+def make_search(cfg):
+    """The search tool from the settings (cache first, then corpus or URL), or None."""
+    if not (cfg.search_corpus or cfg.search_url or cfg.search_cache):
+        return None
+    return tools.Search(corpus=cfg.search_corpus or None, url=cfg.search_url or None,
+                        cache=cfg.search_cache or None, topk=cfg.search_topk)
+
+
+def load_examples(path):
+    """verl parquet or JSONL -> [{question, answer: [aliases], kind, messages?}] via `datasets`."""
+    from datasets import load_dataset
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    fmt = "parquet" if path.endswith(".parquet") else "json"
+    rows = load_dataset(fmt, data_files=path, split="train")
+    out = []
+    for i, row in enumerate(rows):
+        if "prompt" in row and "reward_model" in row:                 # verl format
+            messages = [{"role": m["role"], "content": m["content"].replace("\x08", "\\b")}
+                        for m in row["prompt"]]                        # the paper's prompt has \b -> backspace
+            gold = row["reward_model"]["ground_truth"]
+            question = (row.get("extra_info") or {}).get("question") or messages[-1]["content"]
+            kind = "math" if row.get("ability") == "math" else "qa"
+        elif "question" in row and "answer" in row:
+            messages, gold, question = None, row["answer"], row["question"]
+            kind = row.get("kind") or "qa"
+        else:
+            raise ValueError(f"{path}: row {i + 1} has neither verl fields nor question/answer")
+        golds = [str(g) for g in gold] if isinstance(gold, (list, tuple)) else [str(gold)]
+        out.append({"question": question, "answer": golds, "kind": kind, "messages": messages})
+    return out
+
+
+def example_prompt(tokenizer, ex, cfg):
+    return build_prompt(tokenizer, ex["question"], ex["kind"], cfg.system_prompt, ex.get("messages"))
+
+
+def content_token_mask(tokenizer):
+    """(V,) bool: tokens with a letter or digit in them (whitespace/punctuation cannot branch)."""
+    vocab = len(tokenizer)
+    ok = torch.zeros(max(vocab, tokenizer.vocab_size), dtype=torch.bool)
+    for i in range(vocab):
+        ok[i] = any(ch.isalnum() for ch in tokenizer.decode([i]))
+    return ok
+
+
+def save_hf(model, tokenizer, path, extra=None):
+    """Write a Hugging Face checkpoint (plus `extra` torch state) atomically: a crash at any moment
+    leaves the previous one at `path`, or at `path`.old mid-swap, which load_checkpoint also finds."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        torch.save(extra, os.path.join(tmp, "trainer_state.pt"))
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path):
+    for p in (path, path + ".old"):
+        if os.path.exists(os.path.join(p, "trainer_state.pt")):
+            return p
+    return None
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def evaluate(model, tokenizer, examples, cfg, search, desc="eval"):
+    """Greedy pass@1 of the tool agent on `examples` -> (mean score, mean tool calls)."""
+    model.eval()
+    scores, calls = [], []
+    bar = progress(total=len(examples), desc=desc)
+    for i in range(0, len(examples), cfg.gen_batch_size):
+        chunk = examples[i:i + cfg.gen_batch_size]
+        rollouts = run_agent(model, tokenizer, [example_prompt(tokenizer, e, cfg) for e in chunk], cfg,
+                             search, greedy=True)
+        for e, r in zip(chunk, rollouts):
+            scores.append(compute_reward(r.text, e["answer"], e["kind"])["score"])
+            calls.append(r.tool_calls)
+        bar.update(len(chunk))
+    bar.close()
+    return sum(scores) / max(len(scores), 1), sum(calls) / max(len(calls), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# main: the algorithm box of the paper
+# ---------------------------------------------------------------------------------------------
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    t_start = time.time()
+    seed_everything(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.model:
+        model_path, train = cfg.model, load_examples(cfg.train_data) if cfg.train_data else None
+        test = load_examples(cfg.test_data) if cfg.test_data else []
+        if not train:
+            sys.exit("appo.py: --train_data is needed with --model")
+    else:                                                       # embedded default: the toy world
+        model_path, train, test = build_toy(cfg)
+    test = test[:cfg.eval_limit] if cfg.eval_limit else test
+    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
+    ckpt = find_checkpoint(ckpt_dir) if cfg.resume else None
+    model, tokenizer = load_model(ckpt or model_path, cfg)
+    search = make_search(cfg)
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    anchor = copy.deepcopy(model) if cfg.omega_anchor != "sampler" else None   # pi_anchor of Eq. 4
+    ref = load_model(model_path, cfg)[0] if cfg.kl_coef > 0 else None
+    if cfg.omega_anchor == "ref":                               # the initial weights, also after a resume
+        anchor = ref or load_model(model_path, cfg)[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    content_ids = content_token_mask(tokenizer)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    start, acc_before = 0, None
+    if ckpt:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("anchor") is not None and cfg.omega_anchor == "prev":
+            anchor.load_state_dict(state["anchor"])
+        start, acc_before = state["step"], state["test_acc_before"]
+        random.setstate(state["rng_python"])
+        torch.set_rng_state(state["rng_torch"])
+        kept = [m for m in read_jsonl(metrics_path) if m["step"] <= start] if os.path.exists(metrics_path) else []
+        write_jsonl(metrics_path, kept)                         # drop steps logged after the checkpoint
+        print(f"resumed from {ckpt} at step {start}")
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    if acc_before is None and test:
+        acc_before, calls_before = evaluate(model, tokenizer, test, cfg, search, desc="eval before RL")
+        print(f"held-out accuracy before RL: {acc_before:.3f} ({calls_before:.2f} tool calls/question)")
+
+    def checkpoint(step):
+        save_hf(model, tokenizer, ckpt_dir, extra={
+            "step": step, "optimizer": optimizer.state_dict(), "test_acc_before": acc_before,
+            "anchor": anchor.state_dict() if cfg.omega_anchor == "prev" else None,
+            "rng_python": random.getstate(), "rng_torch": torch.get_rng_state()})
+
+    for step in range(start + 1, cfg.steps + 1):
+        order = random.Random(cfg.seed * 1_000_003 + step).sample(range(len(train)), min(cfg.prompts_per_step, len(train)))
+        batch = [train[i] for i in order]
+        prompts = [example_prompt(tokenizer, e, cfg) for e in batch]
+        ##### rollout tree (spec section 2; Eqs. 3-5 choose the branch points) #####
+        t0 = time.time()
+        stats = {}
+        model.eval()
+        rollouts = expand_tree(model, anchor, tokenizer, prompts, cfg, search, content_ids, stats)
+        ##### reward #####
+        for r in rollouts:
+            res = compute_reward(r.text, batch[r.example]["answer"], batch[r.example]["kind"])
+            r.reward, r.score, r.format_ok = res["reward"], res["score"], res["format_ok"]
+        ##### advantages (Eq. 6) #####
+        train_rows, advs = rollout_advantages(rollouts, cfg)
+        old_logps, _ = score_rollouts(model, train_rows, cfg, tokenizer.pad_token_id)      # pi_old
+        ref_logps = score_rollouts(ref, train_rows, cfg, tokenizer.pad_token_id)[0] if ref is not None and cfg.kl_coef > 0 else None
+        t1 = time.time()
+        ##### update (Eqs. 7-8) #####
+        if cfg.omega_anchor == "prev":                          # next step's anchor: weights before this update
+            anchor.load_state_dict(model.state_dict())
+        model.train()
+        upd = ppo_update(model, optimizer, train_rows, advs, old_logps, ref_logps, cfg, tokenizer.pad_token_id)
+        model.eval()
+        ##### log / checkpoint #####
+        init = [r for r in rollouts if r.parent < 0]
+        new_tokens = sum(sum(r.mask[r.fork:]) for r in rollouts)
+        new_calls = sum(sum(1 for c in r.calls if c[2] > r.fork) for r in rollouts)
+        m = {"step": step, "reward/mean": sum(r.reward for r in rollouts) / len(rollouts),
+             "acc/mean": sum(r.score for r in rollouts) / len(rollouts),
+             "acc/initial": sum(r.score for r in init) / len(init),
+             "format/bad_frac": sum(not r.format_ok for r in rollouts) / len(rollouts),
+             "rollouts": len(rollouts), "branches": sum(r.parent >= 0 for r in rollouts),
+             "tokens/generated": new_tokens, "tool_calls": new_calls,
+             "time/rollout_s": t1 - t0, "time/update_s": time.time() - t1, **stats, **upd}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        print(f"step {step}/{cfg.steps} reward {m['reward/mean']:+.3f} acc {m['acc/mean']:.3f} "
+              f"bad {m['format/bad_frac']:.2f} rollouts {m['rollouts']} branches {m['branches']} "
+              f"degenerate {m['branch/omega_degenerate']} calls {new_calls} loss {m.get('loss', float('nan')):+.4f} "
+              f"clip {m.get('clipfrac', 0):.3f} kl {m.get('approx_kl', 0):.4f} "
+              f"t {m['time/rollout_s']:.1f}+{m['time/update_s']:.1f}s", flush=True)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            checkpoint(step)
+    ##### final evaluation #####
+    save_hf(model, tokenizer, os.path.join(cfg.out_dir, "final"))
+    acc_after = calls_after = None
+    if test:
+        acc_after, calls_after = evaluate(model, tokenizer, test, cfg, search, desc="eval after RL")
+        print(f"held-out accuracy: before RL {acc_before:.3f}, after RL {acc_after:.3f} "
+              f"({calls_after:.2f} tool calls/question)")
+    summary = {"algo": cfg.algo, "steps": cfg.steps, "seed": cfg.seed, "test_acc_before": acc_before,
+               "test_acc_after": acc_after, "test_tool_calls_after": calls_after,
+               "test_questions": len(test), "wall_s": round(time.time() - t_start, 1)}
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
