@@ -1,0 +1,1180 @@
+"""Tests for appo.py, tools.py and eval.py: unit tests of the pure functions against hand-computed
+values, real subprocesses and a loopback HTTP server for the tools, and subprocess smoke runs of
+appo.py at tiny budgets. Run: python -m pytest -q test_appo.py (no network, no ../shared needed)."""
+from types import SimpleNamespace
+import http.server
+import json
+import math
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from tools import (STOP_STRINGS, TOOL_TAGS, Search, call_tool, format_result, parse_tool_call,
+                   python_tool, run_tool_calls)
+from appo import (
+    appo_policy_loss,
+    branching_score,
+    clipped_token_loss,
+    discounted_reverse_cumsum,
+    dual_group_advantages,
+    entropy_from_logits,
+    future_aware_advantage,
+    future_values,
+    masked_mean,
+    per_rollout_mean,
+    prefix_advantages,
+    select_branch_points,
+    zscore,
+)
+from appo import compute_reward, extract_answer, format_ok, math_equal, token_f1
+import appo
+import eval as ev
+
+
+# ===============================================================================================
+# tools.py: tag protocol, python tool, search, concurrency (issue 2)
+# ===============================================================================================
+def _pid_gone(pid, wait=3.0):
+    """True once `pid` no longer runs (a zombie counts as gone: PID 1 here may not reap)."""
+    stop = time.monotonic() + wait
+    while time.monotonic() < stop:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+##### tag protocol #####
+
+def test_tools_protocol_constants_and_format():
+    assert STOP_STRINGS == ("</python>", "</search>") and TOOL_TAGS == ("python", "search")
+    assert format_result("4\n\n") == " <result>\n4\n</result>"
+
+
+def test_tools_parse_tool_call_well_formed():
+    assert parse_tool_call("think <python>\nprint(1)\n</python>\n") == ("python", "print(1)")
+    assert parse_tool_call("<search> a </search> <result>\nx\n</result> <search> b </search>") == (
+        "search", "b")  # the call the text ends with, not an earlier one
+
+
+@pytest.mark.parametrize("text", [
+    "", "no tags", "<python> print(1)",            # unclosed: generation stopped another way
+    "<search> q </search> and then more text",      # the call is not at the end
+    "<answer> \\boxed{3} </answer>", "<calc> 1+1 </calc>", "<python> 1 </Python>"])
+def test_tools_parse_tool_call_not_a_call(text):
+    assert parse_tool_call(text) is None
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("<search>   </search>", "empty"),
+    ("x = 1 </python>", "without a matching"),
+    ("<python> a <search> b </python>", "nested"),
+    ("<search> a </python> b </search>", "nested")])
+def test_tools_parse_tool_call_malformed(text, reason):
+    name, message = parse_tool_call(text)
+    assert name == "error" and reason in message
+    assert call_tool(name, message).startswith("Error: ")
+
+
+##### python tool #####
+
+def test_tools_python_print_and_repl_last_expression():
+    assert python_tool("print('hello')") == "hello"
+    assert python_tool("x = 6\nx * 7") == "42"
+    assert python_tool("print('a')\nNone") == "a"  # None is not echoed, as in a REPL
+    assert python_tool("x = 1") == "(no output)"
+
+
+def test_tools_python_errors_are_readable():
+    out = python_tool("x = (1,\n")
+    assert "SyntaxError" in out and "Traceback" not in out
+    out = python_tool("def f():\n    return 1 / 0\nf()")
+    assert out.startswith("Traceback") and out.endswith("ZeroDivisionError: division by zero")
+    assert "return 1 / 0" in out and "runner" not in out.lower()
+
+
+def test_tools_python_fresh_scrubbed_process(monkeypatch):
+    monkeypatch.setenv("SECRET_TOKEN", "hunter2")
+    out = python_tool("import os\nprint(os.listdir('.'), 'SECRET_TOKEN' in os.environ, os.getcwd())")
+    assert out.startswith("[] False ") and os.getcwd() not in out
+    assert python_tool("print(x)", history=()).endswith("NameError: name 'x' is not defined")
+
+
+def test_tools_python_infinite_loop_times_out():
+    start = time.monotonic()
+    out = python_tool("while True:\n    pass", timeout=1.0)
+    assert time.monotonic() - start < 3.0 and "timed out" in out
+
+
+def test_tools_python_hard_kill_when_code_swallows_the_timeout():
+    code = "import time\nwhile True:\n    try:\n        time.sleep(10)\n    except BaseException:\n        pass"
+    start = time.monotonic()
+    out = python_tool(code, timeout=1.0)
+    assert time.monotonic() - start < 3.0 and "timed out" in out and "killed" in out
+
+
+def test_tools_python_memory_bomb_parent_unharmed():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = python_tool("a = []\nwhile True:\n    a.append(bytearray(50 * 2**20))", timeout=10.0)
+    assert "MemoryError" in out
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB
+    assert python_tool("print(1)") == "1"
+
+
+def test_tools_python_huge_output_is_capped():
+    out = python_tool("print('a' * 10_000_000)\nprint('the end')")
+    assert len(out) < 5000 and "output cut" in out and out.endswith("the end")
+
+
+def test_tools_python_child_process_is_killed():
+    out = python_tool("import subprocess\np = subprocess.Popen(['sleep', '60'])\nprint(p.pid)")
+    assert _pid_gone(int(out))
+
+
+def test_tools_python_history_replay():
+    history = ["x = 41\nprint('old output')", "1 / 0", "y = x + 1\nimport sys\nprint('err', file=sys.stderr)"]
+    assert python_tool("print(y)", history=history) == "42"  # failed block skipped, no old output
+    partial = python_tool("print(a, 'b' in globals())", history=["a = 1\nraise ValueError\nb = 2"])
+    assert "NameError" in partial  # a failed block is skipped whole: `a` was never kept
+    first = python_tool("import random\nr = random.random()\nopen('f.txt', 'w').write('hi')\nr")
+    again = python_tool("print(repr(r), open('f.txt').read())", history=[
+        "import random\nr = random.random()\nopen('f.txt', 'w').write('hi')\nr"])
+    assert again == f"{first} hi"  # a forked branch sees exactly the state the calls made
+
+
+##### many calls at once #####
+
+def test_tools_run_tool_calls_concurrent_with_one_hanging():
+    calls = [("python", f"print({i} * 2)", ()) for i in range(8)]
+    calls[3] = ("python", "import time\ntime.sleep(60)", ())
+    calls.append(("search", "paris", ()))
+    calls.append(("shell", "ls", ()))
+    start = time.monotonic()
+    out = run_tool_calls(calls, search=Search(corpus=["Paris is in France.", "Rome"]),
+                         timeout=2.0, max_workers=10)
+    assert time.monotonic() - start < 4.0
+    assert out[:3] == ["0", "2", "4"] and out[4:8] == ["8", "10", "12", "14"]
+    assert "timed out" in out[3] and out[8] == "Doc 1 Paris is in France."
+    assert out[9].startswith("Error: unknown tool")
+    assert run_tool_calls([]) == []
+    assert call_tool("search", "x").startswith("Error: no search backend")
+
+
+##### search tool #####
+
+CORPUS = [
+    {"title": "Eiffel Tower", "text": "The Eiffel Tower is a wrought-iron tower in Paris, France."},
+    {"title": "Paris", "text": "Paris is the capital of France and its largest city."},
+    {"title": "Berlin", "text": "Berlin is the capital of Germany."},
+    {"title": "Tower Bridge", "text": "Tower Bridge is a bridge in London."},
+]
+
+
+def test_tools_bm25_ranking_and_format():
+    search = Search(corpus=CORPUS, topk=2)
+    lines = search("capital of Germany").splitlines()
+    assert lines[0] == "Doc 1 (Title: Berlin) Berlin is the capital of Germany."
+    assert lines[1].startswith("Doc 2 (Title: Paris)")  # shares only "capital": ranked second
+    assert search("eiffel tower").startswith("Doc 1 (Title: Eiffel Tower)")
+    assert search("zebra") == "No search results found."
+    assert search("   ") == "Search error: empty query."
+    assert Search()("q").startswith("Search error: no search backend")
+
+
+def test_tools_corpus_from_jsonl_flashrag_format(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    rows = [{"id": str(i), "contents": f'"{d["title"]}"\n{d["text"]}'} for i, d in enumerate(CORPUS)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert Search(corpus=str(path), topk=1)("bridge in London") == (
+        "Doc 1 (Title: Tower Bridge) Tower Bridge is a bridge in London.")
+
+
+def test_tools_cache_hit_miss_and_fall_through(tmp_path):
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps({"search query: Who built the Eiffel Tower?": "Page 1: Gustave Eiffel",
+                                "capital of France": "Page 1: Paris"}))
+    search = Search(cache=str(path))
+    assert search("  who built the eiffel tower ") == "Page 1: Gustave Eiffel"
+    assert search("search query: Capital of France?") == "Page 1: Paris"
+    assert search("capital of Germany") == "No search results found."
+    both = Search(cache=str(path), corpus=CORPUS, topk=1)
+    assert both("capital of France") == "Page 1: Paris"  # cache first
+    assert both("capital of Germany").startswith("Doc 1 (Title: Berlin)")
+
+
+class _Retriever(http.server.BaseHTTPRequestHandler):
+    """Search-R1 retriever stub: echoes the query as the first passage's title."""
+    requests = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.requests.append(body)
+        if body["queries"][0] == "slow":
+            time.sleep(2.0)
+        docs = [{"document": {"id": str(i), "contents": f'"{body["queries"][0]} {i}"\ntext {i}'},
+                 "score": 10.0 - i} for i in range(body["topk"])]
+        data = json.dumps({"result": [docs]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_tools_remote_retriever_stub_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Retriever)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/retrieve"
+        out = Search(url=url, topk=2)("nile")
+        assert out == "Doc 1 (Title: nile 0) text 0\nDoc 2 (Title: nile 1) text 1"
+        assert _Retriever.requests[-1] == {"queries": ["nile"], "topk": 2, "return_scores": True}
+        start = time.monotonic()
+        out = Search(url=url, timeout=0.5, retries=1)("slow")  # 2 attempts x 0.5 s + backoff
+        assert out.startswith("Search error") and time.monotonic() - start < 2.5
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tools_remote_retriever_down():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    out = Search(url=f"http://127.0.0.1:{port}/retrieve", timeout=1.0, retries=2)("nile")
+    assert out.startswith("Search error: retriever") and "refused" in out.lower()
+    assert time.monotonic() - start < 3.0
+
+
+# ===============================================================================================
+# the equations, against hand-computed tensors (Eqs. 3-8)
+# ===============================================================================================
+def close(actual, expected, atol=1e-4):
+    """actual (tensor or float) equals the hand-written expected numbers within atol."""
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    actual = torch.as_tensor(actual).double()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.allclose(actual, expected, atol=atol, rtol=0), (actual, expected)
+
+
+# ---- Eq. 3 entropy ---------------------------------------------------------------------------
+
+def test_math_entropy_hand_values():
+    # uniform over 2 -> ln 2; p = [3/4, 1/4] -> -(.75 ln .75 + .25 ln .25); uniform over 4 -> ln 4
+    logits = torch.tensor([[[0.0, 0.0, -1e9, -1e9], [math.log(3), 0.0, -1e9, -1e9],
+                            [1.0, 1.0, 1.0, 1.0]]])  # (1, 3, 4)
+    h34 = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))  # 0.5623
+    close(entropy_from_logits(logits), [[math.log(2), h34, math.log(4)]])
+
+
+def test_math_entropy_stable_for_huge_logits():
+    h = entropy_from_logits(torch.tensor([[[1000.0, 0.0], [1e4, 1e4]]]))
+    assert torch.isfinite(h).all()
+    close(h, [[0.0, math.log(2)]])
+
+
+# ---- discounted reverse cumsum ---------------------------------------------------------------
+
+def test_math_discounted_reverse_cumsum():
+    # y2 = 3; y1 = 2 + .5*3 = 3.5; y0 = 1 + .5*3.5 = 2.75; gamma = 1 is the plain reverse cumsum
+    x = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
+    close(discounted_reverse_cumsum(x, 0.5), [[2.75, 3.5, 3.0], [1.75, 1.5, 1.0]])
+    close(discounted_reverse_cumsum(x, 1.0), [[6.0, 5.0, 3.0], [3.0, 2.0, 1.0]])
+
+
+# ---- Eq. 4 future value ----------------------------------------------------------------------
+
+def test_math_future_values_hand_values():
+    # half_life 1 -> gamma 0.5. log-ratios [0.3, -0.2, 0.1]:
+    # sums: t2 = 0.1, t1 = -0.2 + 0.05 = -0.15, t0 = 0.3 - 0.075 = 0.225
+    # exp: 1.2523 -> clip 1.2, 0.8607 -> clip 1.0, 1.1052 stays
+    logp = torch.tensor([[0.3, -0.2, 0.1]])
+    omega = future_values(logp, torch.zeros(1, 3), torch.ones(1, 3), half_life=1.0)
+    close(omega, [[1.2, 1.0, math.exp(0.1)]])
+    # unclipped (wide clip) gives the raw Eq. 4 values
+    raw = future_values(logp, torch.zeros(1, 3), torch.ones(1, 3), half_life=1.0, clip=(0.0, 1e9))
+    close(raw, [[math.exp(0.225), math.exp(-0.15), math.exp(0.1)]])
+
+
+def test_math_future_values_mask_and_default_gamma():
+    # middle token off the mask: its log-ratio (5.0) is left out of every sum
+    logp = torch.tensor([[0.1, 5.0, 0.1]])
+    mask = torch.tensor([[1, 0, 1]])
+    gamma = 2 ** (-1 / 32)
+    raw = future_values(logp, torch.zeros(1, 3), mask, clip=(0.0, 1e9))
+    close(raw, [[math.exp(0.1 + gamma ** 2 * 0.1), math.exp(gamma * 0.1), math.exp(0.1)]])
+
+
+def test_math_future_values_detached_and_no_overflow():
+    logp = torch.tensor([[500.0, 500.0]], requires_grad=True)
+    omega = future_values(logp, torch.zeros(1, 2), torch.ones(1, 2), clip=(0.0, 1e30))
+    assert not omega.requires_grad
+    close(omega, [[math.exp(20.0), math.exp(20.0)]], atol=1e3)  # exponent capped at 20
+
+
+# ---- z-score and Eq. 5 branching score -------------------------------------------------------
+
+def test_math_zscore_hand_values():
+    s = math.sqrt(2 / 3)  # population std of [1, 2, 3]
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 4.0, 4.0, 4.0],
+                      [7.0, 1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])
+    close(zscore(x, mask), [[-1 / s, 0.0, 1 / s, 0.0],  # off-mask 100 ignored, gives 0
+                            [0.0] * 4,                  # constant row: std 0 -> 0
+                            [0.0] * 4,                  # one position: std 0 -> 0
+                            [0.0] * 4])                 # no position -> 0, not NaN
+
+
+def test_math_branching_score_hand_values():
+    z = 1 / math.sqrt(2 / 3)  # 1.2247
+    entropy = torch.tensor([[1.0, 2.0, 3.0, 9.0], [1.0, 2.0, 3.0, 0.0]])
+    omega = torch.tensor([[1.0, 1.1, 1.2, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    bs = branching_score(entropy, omega, mask)
+    close(bs[0], [z * z, 0.0, z * z, 0.0], atol=1e-3)  # 1.5, 0, 1.5; off-mask 0
+    assert (bs[1] == 0).all()  # Omega constant (std ~ 0) -> BS exactly 0
+
+
+# ---- Eq. 6 dual-group and prefix advantages --------------------------------------------------
+
+def test_math_dual_group_advantages_hand_values():
+    # prompt 0: initial [1, 0] (mean .5, std .5); branches [1, 1, 0] (mean 2/3, std sqrt(2)/3)
+    # prompt 1: initial [0.2, 0.2] equal -> 0; one branch [0.7] -> group of one -> 0
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.2, 0.2, 0.7])
+    prompt_ids = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
+    is_branch = torch.tensor([0, 0, 1, 1, 1, 0, 0, 1]).bool()
+    sb = math.sqrt(2) / 3
+    expected = [0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6),
+                (1 / 3) / (sb + 1e-6), (1 / 3) / (sb + 1e-6), (-2 / 3) / (sb + 1e-6),
+                0.0, 0.0, 0.0]
+    close(dual_group_advantages(rewards, prompt_ids, is_branch), expected, atol=1e-5)
+
+
+def test_math_dual_group_equal_rewards_exactly_zero():
+    for value in (0.1, 1.0, -1.0, 0.3333):
+        adv = dual_group_advantages(torch.full((5,), value), torch.zeros(5), torch.zeros(5).bool())
+        assert torch.isfinite(adv).all() and (adv == 0).all()
+
+
+def test_math_dual_group_single_group_variant():
+    # is_branch all False: initial and branch rollouts of a prompt form one group
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    adv = dual_group_advantages(rewards, torch.zeros(4), torch.zeros(4).bool())
+    close(adv, [0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6)] * 2, atol=1e-5)
+
+
+def test_math_prefix_advantages_docstring_example():
+    # one initial rollout A = 1; branches at t = 2 (A = -1) and t = 4 (A = 0.5); T = 5
+    out = prefix_advantages(torch.tensor([1.0, -1.0, 0.5]), root=torch.tensor([0, 0, 0]),
+                            fork=torch.tensor([0, 2, 4]), is_branch=torch.tensor([0, 1, 1]).bool(),
+                            length=5)
+    close(out, [[0.375, 0.375, 0.75, 0.75, 1.0]])
+
+
+def test_math_prefix_advantages_two_roots_any_order():
+    # rollouts: 0 branch of 3 (fork 1), 1 initial, 2 branch of 1 (fork 3), 3 initial,
+    #           4 branch of 1 (fork 0: shares nothing)
+    adv = torch.tensor([2.0, 0.5, -0.5, -1.0, 9.0])
+    out = prefix_advantages(adv, root=torch.tensor([3, 1, 1, 3, 1]),
+                            fork=torch.tensor([1, 0, 3, 0, 0]),
+                            is_branch=torch.tensor([1, 0, 1, 0, 1]).bool(), length=4)
+    # row 0 = rollout 1: t < 3 -> (0.5 - 0.5) / 2 = 0; t = 3 -> 0.5
+    # row 1 = rollout 3: t < 1 -> (-1 + 2) / 2 = 0.5; t >= 1 -> -1
+    close(out, [[0.0, 0.0, 0.0, 0.5], [0.5, -1.0, -1.0, -1.0]])
+
+
+def test_math_prefix_advantages_no_branches():
+    out = prefix_advantages(torch.tensor([0.3, -0.7]), torch.tensor([0, 1]), torch.tensor([0, 0]),
+                            torch.tensor([False, False]), 3)
+    close(out, [[0.3] * 3, [-0.7] * 3])
+
+
+# ---- Eq. 7 future-aware advantage ------------------------------------------------------------
+
+def test_math_future_aware_advantage_hand_values():
+    # gamma .5: F = [0.1 + 0.5 * 0.05, 0.05]; Afut = exp(F) (inside [1, 1.2]); Ahat = 1 + .5 Afut
+    adv_hat, afut = future_aware_advantage(torch.ones(1, 2), torch.tensor([[0.1, 0.05]]),
+                                           torch.zeros(1, 2), torch.ones(1, 2), 1.0, 0.5, 3.0)
+    close(afut, [[math.exp(0.125), math.exp(0.05)]])
+    close(adv_hat, [[1 + 0.5 * math.exp(0.125), 1 + 0.5 * math.exp(0.05)]])
+
+
+def test_math_future_aware_advantage_participation():
+    # Delta_1 = 2 > log 3: p_1 = 0, so F_0 = 0 (not 0.5 * 2 = 1, which would give Afut 1.2)
+    adv_hat, afut = future_aware_advantage(-torch.ones(1, 2), torch.tensor([[0.0, 2.0]]),
+                                           torch.zeros(1, 2), torch.ones(1, 2), 1.0, 0.5, 3.0)
+    close(afut, [[1.0, 1.0]])
+    close(adv_hat, [[-1.5, -1.5]])
+
+
+# ---- Eq. 8 per-token loss, aggregation, full loss --------------------------------------------
+
+def test_math_clipped_token_loss_hand_values():
+    # A>0, r=1.5 -> clipped to 1.28; A<0, r=10 -> 10 capped at c=3; A>0, r=1 -> -1;
+    # A<0, r=0.5 -> clip 0.8 binds: max(0.5, 0.8) = 0.8
+    loss, clipped, dual = clipped_token_loss(torch.tensor([[1.5, 10.0, 1.0, 0.5]]),
+                                             torch.tensor([[1.0, -1.0, 1.0, -1.0]]), 0.2, 0.28, 3.0)
+    close(loss, [[-1.28, 3.0, -1.0, 0.8]])
+    assert clipped.tolist() == [[True, False, False, True]]
+    assert dual.tolist() == [[False, True, False, False]]
+
+
+def test_math_per_rollout_mean_differs_from_token_mean():
+    x = torch.tensor([[-1.0, -1.0], [2.0, 9.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    close(per_rollout_mean(x, mask), 0.5)  # (-1 + 2) / 2, token mean would be 0
+    close(per_rollout_mean(x, torch.tensor([[1, 1], [0, 0]])), -0.5)  # empty row counts as 0
+    assert masked_mean(x, mask) == pytest.approx(0.0)
+
+
+def test_math_loss_hand_values():
+    # Ahat = 1 + .5 exp(F), F = [0.125, 0.05]; r = exp(Delta) inside [0.8, 1.28]; l = -Ahat r
+    loss, m = appo_policy_loss(torch.tensor([[0.1, 0.05]]), torch.zeros(1, 2), torch.ones(1, 2),
+                               torch.ones(1, 2), half_life=1.0)
+    l0 = -(1 + 0.5 * math.exp(0.125)) * math.exp(0.1)
+    l1 = -(1 + 0.5 * math.exp(0.05)) * math.exp(0.05)
+    close(loss, (l0 + l1) / 2)
+    assert m["loss"] == pytest.approx((l0 + l1) / 2, abs=1e-5)
+    assert m["clipfrac"] == 0.0 and m["dual_clipfrac"] == 0.0
+    assert m["ratio/mean"] == pytest.approx((math.exp(0.1) + math.exp(0.05)) / 2, abs=1e-5)
+    assert m["afut/mean"] == pytest.approx((math.exp(0.125) + math.exp(0.05)) / 2, abs=1e-5)
+    k3 = [math.exp(d) - 1 - d for d in (0.1, 0.05)]
+    assert m["approx_kl"] == pytest.approx(sum(k3) / 2, abs=1e-6)
+    assert "kl" not in m
+
+
+def test_math_loss_eq8_aggregation_exact():
+    # logp = old: r = 1, Delta = 0, F = 0, Afut = 1, Ahat = 1.5 A, l = -Ahat (dual cap 4.5*|A|)
+    adv = torch.tensor([[1.0, 1.0], [-2.0, 5.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss, _ = appo_policy_loss(torch.zeros(2, 2), torch.zeros(2, 2), adv, mask)
+    # rows: mean(-1.5, -1.5) = -1.5; 3.0 -> (-1.5 + 3.0) / 2 = 0.75 (token mean: 0)
+    close(loss, 0.75)
+
+
+def test_math_loss_dual_clip_caps_negative_advantage():
+    logp = torch.tensor([[10.0]])  # r = e^10, far beyond c = 3
+    loss, m = appo_policy_loss(logp, torch.zeros(1, 1), -torch.ones(1, 1), torch.ones(1, 1),
+                               future_weight=0.0)
+    close(loss, 3.0)  # -Ahat * c = 1 * 3, instead of e^10
+    loss, m = appo_policy_loss(logp, torch.zeros(1, 1), -torch.ones(1, 1), torch.ones(1, 1))
+    close(loss, 4.5)  # Delta > log 3 takes no part in F: Afut = 1, Ahat = -1.5, cap 4.5
+    assert m["dual_clipfrac"] == 1.0 and m["clipfrac"] == 0.0
+
+
+def test_math_loss_participation_example():
+    # tokens: Delta = [0, 2]; A = -1. Afut = [1, 1] (token 1 excluded), Ahat = -1.5
+    # token 0: r = 1 -> 1.5; token 1: r = e^2 -> 1.5 e^2 = 11.08 > cap 4.5 -> 4.5
+    loss, m = appo_policy_loss(torch.tensor([[0.0, 2.0]]), torch.zeros(1, 2), -torch.ones(1, 2),
+                               torch.ones(1, 2), half_life=1.0)
+    close(loss, (1.5 + 4.5) / 2)
+    assert m["dual_clipfrac"] == 0.5 and m["adv_hat/mean"] == pytest.approx(-1.5)
+
+
+def test_math_loss_clipfrac_positive_advantage():
+    loss, m = appo_policy_loss(torch.tensor([[0.5, 0.0]]), torch.zeros(1, 2), torch.ones(1, 2),
+                               torch.ones(1, 2), future_weight=0.0)
+    close(loss, (-1.28 - 1.0) / 2)  # r = e^.5 = 1.65 clipped at 1.28; r = 1 unclipped
+    assert m["clipfrac"] == 0.5
+
+
+def test_math_loss_kl_term():
+    # A = 0 so only KL: q = ref - logp = 0.5 -> e^.5 - .5 - 1 = 0.14872
+    kl = math.exp(0.5) - 1.5
+    loss, m = appo_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2),
+                               torch.ones(1, 2), ref_logp=torch.full((1, 2), 0.5), kl_coef=0.1)
+    close(loss, 0.1 * kl)
+    assert m["kl"] == pytest.approx(kl, abs=1e-6)
+    loss, m = appo_policy_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2),
+                               torch.ones(1, 2), ref_logp=torch.full((1, 2), 0.5), kl_coef=0.0)
+    assert loss.item() == 0.0 and "kl" not in m
+
+
+def test_math_loss_gradient_only_through_logp():
+    logp = torch.tensor([[0.1]], requires_grad=True)
+    old, adv, ref = (torch.zeros(1, 1, requires_grad=True), torch.ones(1, 1, requires_grad=True),
+                     torch.zeros(1, 1, requires_grad=True))
+    loss, _ = appo_policy_loss(logp, old, adv, torch.ones(1, 1), ref_logp=ref, kl_coef=0.0)
+    loss.backward()
+    assert old.grad is None and adv.grad is None and ref.grad is None
+    # Ahat = 1 + .5 e^.1 is a constant: dl/dlogp = -Ahat r (no term from Afut's dependence)
+    close(logp.grad, [[-(1 + 0.5 * math.exp(0.1)) * math.exp(0.1)]])
+
+
+def test_math_loss_masked_tokens_do_not_matter():
+    g = torch.Generator().manual_seed(0)
+    logp = (torch.randn(3, 6, generator=g) * 0.3).requires_grad_()
+    old = torch.randn(3, 6, generator=g) * 0.3
+    adv = torch.randn(3, 6, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 1, 0], [1, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1]])
+    loss, m = appo_policy_loss(logp, old, adv, mask)
+    loss.backward()
+    assert (logp.grad[mask == 0] == 0).all()
+    off = mask == 0  # change every off-mask input: nothing may move
+    logp2 = torch.where(off, torch.full_like(logp, 7.0), logp.detach())
+    loss2, m2 = appo_policy_loss(logp2, torch.where(off, -3.0, old), torch.where(off, 50.0, adv),
+                                 mask)
+    assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
+    assert m2 == pytest.approx(m)
+
+
+def test_math_loss_future_weight_zero_is_plain_ppo():
+    g = torch.Generator().manual_seed(1)
+    logp, old = torch.randn(4, 5, generator=g) * 0.5, torch.randn(4, 5, generator=g) * 0.5
+    adv = torch.randn(4, 5, generator=g)
+    mask = torch.ones(4, 5)
+    loss, _ = appo_policy_loss(logp, old, adv, mask, future_weight=0.0)
+    # textbook dual-clip PPO (clip .2/.28, c = 3), per-row mean then mean
+    r = (logp - old).exp()
+    ppo = torch.max(-adv * r, -adv * r.clamp(0.8, 1.28))
+    ppo = torch.where(adv < 0, torch.min(ppo, -adv * 3.0), ppo)
+    close(loss, ppo.mean(-1).mean(), atol=1e-5)
+
+
+# ---- spec section 2 step 3: branch point selection -------------------------------------------
+
+def test_math_select_strict_then_fill():
+    # Z(H) = [-1.26, -0.63, 0.63, 1.26], Z(Omega) = [-1, 1, 1, -1], BS = [1.26, -.63, .63, -1.26]
+    # strict tier (both z > 0) = {2}; position 0 has the top BS but comes after it
+    entropy = torch.tensor([[0.0, 1.0, 3.0, 4.0]])
+    omega = torch.tensor([[1.0, 1.2, 1.2, 1.0]])
+    zh = 2 / math.sqrt(2.5)  # 1.2649
+    points, priority, degenerate = select_branch_points(entropy, omega, torch.ones(1, 4).bool(), 2)
+    assert points == [[2, 0]]
+    assert priority[0][0] == pytest.approx(1e6 + zh / 2, abs=1e-3)
+    assert priority[0][1] == pytest.approx(zh, abs=1e-3)
+    assert degenerate.tolist() == [False]
+    points, _, _ = select_branch_points(entropy, omega, torch.ones(1, 4).bool(), 4)
+    assert points == [[2, 0, 1, 3]]
+
+
+def test_math_select_degenerate_fallback_and_k_larger():
+    entropy = torch.tensor([[0.0, 1.0, 3.0, 4.0], [5.0, 1.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
+    omega = torch.ones(3, 4)  # Omega = 1 everywhere (step 1): Z(Omega) = 0
+    cand = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 0]]).bool()
+    points, priority, degenerate = select_branch_points(entropy, omega, cand, 3)
+    assert points == [[3, 2, 1], [0, 2], []]  # by Z(H); row 1 has only 2 candidates; row 2 none
+    assert priority[1] == pytest.approx([1.0, -1.0])  # Z(H) of [5, 3]
+    assert degenerate.tolist() == [True, True, False]
+
+
+def test_math_select_entropy_and_random_rules():
+    entropy = torch.tensor([[0.5, 2.0, 1.0, 3.0, 9.0]])
+    omega = torch.tensor([[1.2, 1.0, 1.1, 1.0, 1.0]])
+    cand = torch.tensor([[1, 1, 1, 1, 0]]).bool()  # position 4 (top entropy) is no candidate
+    points, priority, degenerate = select_branch_points(entropy, omega, cand, 2, rule="entropy")
+    assert points == [[3, 1]] and priority == [[3.0, 2.0]] and not degenerate.any()
+    picks = [select_branch_points(entropy, omega, cand, 3, rule="random",
+                                  generator=torch.Generator().manual_seed(s))[0][0]
+             for s in range(20)]
+    assert all(len(set(p)) == 3 and set(p) <= {0, 1, 2, 3} for p in picks)
+    assert len({tuple(p) for p in picks}) > 1  # actually random
+    again = select_branch_points(entropy, omega, cand, 3, rule="random",
+                                 generator=torch.Generator().manual_seed(0))[0][0]
+    assert again == picks[0]  # reproducible with the generator
+
+
+# ===============================================================================================
+# reward: answer extraction, format, math equivalence, token-F1
+# ===============================================================================================
+MATH_CASES = [
+    ("18", "18", True),
+    ("10.0", "10", True),
+    ("1,000", "1000", True),
+    ("1000", "1,000", True),
+    (r"1,\!000", "1000", True),  # MATH's thousands separator
+    ("0.5", r"\frac{1}{2}", True),
+    ("1/2", r"\frac12", True),
+    (r"\dfrac{14}{3}", r"\frac{14}{3}", True),
+    (r"\tfrac{1}{2}", "0.5", True),
+    (r"10\text{ cm}", "10", True),
+    (r"\text{10 dollars}", "10", True),  # math_verify alone: False
+    ("18 dollars", "18", True),  # math_verify alone: False
+    (r"\$18.00", "18", True),
+    (r"90^\circ", "90", True),
+    (r"90^{\circ}", "90", True),
+    (r"50\%", "50", True),
+    ("x = 5", "5", True),
+    ("070", "70", True),
+    (r"(3,\frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)", True),
+    ("p-q", "p - q", True),
+    (r"\sqrt{2}/2", r"\frac{\sqrt2}{2}", True),
+    (r"2\sqrt{3}", r"\sqrt{12}", True),
+    ("x^2+2x+1", "(x+1)^2", True),
+    (r"\{2,3\}", r"\{3,2\}", True),
+    (r"\text{(C)}", "C", True),
+    ("Evelyn", r"\text{Evelyn}", True),
+    # must NOT match
+    ("1/2", "2", False),
+    ("3", "30", False),
+    (r"\frac{1}{3}", "0.33", False),
+    ("2", "-2", False),
+    ("x+1", "x-1", False),
+    ("1000", "100", False),
+    ("12", "1,2", False),
+    (r"\pi", "3.14", False),
+    ("5", "5.1", False),
+    ("2x", "2", False),
+    ("2 pi", "2", False),
+    ("[1,2)", "[1,2]", False),
+    ("B", "A", False),
+    (r"\text{dollars}", "10", False),
+    ("", "5", False),
+    ("abc", "5", False),
+]
+
+
+@pytest.mark.parametrize("pred,gold,expected", MATH_CASES)
+def test_reward_math_equal_cases(pred, gold, expected):
+    assert math_equal(pred, gold) is expected
+
+
+def test_reward_math_equal_known_leniencies():
+    # math_verify's choices, kept and documented: floats equal after rounding to 6 decimals,
+    # and a percent sign is dropped ("10\%" == 10).
+    assert math_equal("0.333333", r"\frac13")
+    assert math_equal(r"10\%", "10")
+
+
+def test_reward_math_equal_never_raises():
+    for pred in [None, r"\frac{", "}}}{{", r"\boxed{", "1/0", "x" * 2000]:
+        assert math_equal(pred, "1") is False
+
+
+def test_reward_math_equal_off_main_thread():
+    # math_verify's SIGALRM timeout fails off the main thread; math_equal must still work there
+    out = []
+    t = threading.Thread(target=lambda: out.append(math_equal("0.5", r"\frac{1}{2}")))
+    t.start()
+    t.join()
+    assert out == [True]
+
+
+def test_reward_token_f1_aliases():
+    assert token_f1("New York City", ["NYC", "new york"]) == pytest.approx(0.8)  # P=2/3, R=1
+    assert token_f1("The Big Apple!", ["big apple"]) == 1.0  # articles and punctuation go
+    assert token_f1("Paris", ["London", "paris"]) == 1.0  # max over aliases
+    assert token_f1("yes", ["no"]) == 0.0
+    assert token_f1("", ["a b"]) == 0.0
+    assert token_f1("a the an", ["the"]) == 0.0  # everything normalises away
+    # multiset overlap: pred "x y y", gold "y z" share one "y" -> P=1/3, R=1/2
+    assert token_f1("x y y", ["y z"]) == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
+
+
+def test_reward_extract_answer():
+    assert extract_answer(r"<answer>so \boxed{\frac{1}{2}}</answer>") == r"\frac{1}{2}"
+    assert extract_answer(r"<answer>\boxed{1} then \boxed{ {a}{b} }</answer>") == "{a}{b}"
+    assert extract_answer(r"\boxed{1} <answer>\boxed{2}</answer> <answer>\boxed{3}</answer>") == "3"
+    assert extract_answer(r"\boxed{7}") is None  # no answer block
+    assert extract_answer(r"<answer>\boxed{7}") is None  # block never closed
+    assert extract_answer(r"<answer>\boxed{\frac{1}{2}</answer>") is None  # box never closed
+    assert extract_answer("<answer>7</answer>") is None  # no box
+    assert extract_answer(r"<answer>\boxed{}</answer>") == ""
+
+
+def test_reward_format_ok():
+    good = (
+        "<search> capital of France </search> <result>\nParis\n</result>"
+        " <python>print(1)</python> <result>\n1\n</result> <answer>\\boxed{Paris}</answer>"
+    )
+    assert format_ok(good)
+    assert not format_ok("<search> capital of France </search> <answer>\\boxed{Paris}</answer>"
+                         " <result>")  # unbalanced <result>
+    assert not format_ok("I think <python>print(1)")  # cut off inside a tool call
+    assert not format_ok("<python>x</python> <answer>\\boxed{1}</answer> <python>y")
+    assert not format_ok("<answer>Paris</answer>")  # no box
+    assert not format_ok("")
+
+
+def test_reward_compute_reward():
+    r = compute_reward("<answer>\\boxed{4}</answer>", ["4"], "math")
+    assert r == {"reward": 1.0, "format_ok": True, "score": 1.0, "answer": "4"}
+    r = compute_reward("<answer>\\boxed{5}</answer>", ["4", "four"], "math")
+    assert r["reward"] == 0.0 and r["format_ok"]
+    r = compute_reward("<answer>\\boxed{New York City}</answer>", ["NYC", "New York"], "qa")
+    assert r["reward"] == pytest.approx(0.8)
+    # invalid format: reward -1, the score still reports the answer's correctness
+    r = compute_reward("<python>x <answer>\\boxed{4}</answer>", ["4"], "math")
+    assert r["reward"] == -1.0 and not r["format_ok"] and r["score"] == 1.0
+    r = compute_reward("no answer", ["4"], "qa")
+    assert r == {"reward": -1.0, "format_ok": False, "score": 0.0, "answer": None}
+    with pytest.raises(ValueError):
+        compute_reward("x", ["4"], "other")
+
+
+# ===============================================================================================
+# agent loop, rollout tree, advantages, settings; smoke runs of appo.py
+# ===============================================================================================
+HERE = os.path.dirname(os.path.abspath(__file__))
+TRACE = "<python>print(6*7)</python> <result>\n42\n</result> <answer>\\boxed{42}</answer>"
+
+
+def tiny_cfg(**kw):
+    base = dict(device="cpu", max_response_tokens=48, gen_batch_size=16, micro_batch_size=8,
+                n_initial=2, branch_points=3, group_size=8, tool_timeout=1.0, omega_anchor="prev")
+    base.update(kw)
+    return appo.Config(**base)
+
+
+@pytest.fixture(scope="module")
+def memorized(tmp_path_factory):
+    """A 2-layer Llama that has memorised one tool-using trace, loaded back through from_pretrained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    path = str(tmp_path_factory.mktemp("tiny"))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TRACE, "Question: what is 6*7?\n"] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|pad|>", "<|eos|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    cfg = tiny_cfg()
+    model, tokenizer = appo.load_model(path, cfg)
+    prompt = appo.build_prompt(tokenizer, "what is 6*7?", "math", system_prompt="Use tools.")
+    r = appo.Rollout(example=0, prompt=prompt)
+    for text, is_result in [("<python>print(6*7)</python>", False), (" <result>\n42\n</result>", True),
+                            (" <answer>\\boxed{42}</answer>", False)]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        r.tokens += ids
+        r.mask += [0 if is_result else 1] * len(ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        logp, _, mask = appo.response_logprobs(model, [r], 1.0, tokenizer.pad_token_id)
+        loss = -(logp * mask).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, tokenizer, prompt
+
+
+def test_core_agent_loop_runs_tool_and_masks_result(memorized):
+    model, tokenizer, prompt = memorized
+    (r,) = appo.run_agent(model, tokenizer, [prompt], tiny_cfg(), None, greedy=True)
+    assert r.text.startswith("<python>print(6*7)</python> <result>\n42\n</result>"), r.text
+    assert r.calls == [("python", "print(6*7)", r.calls[0][2])] and r.done and not r.truncated
+    result_ids = tokenizer(" <result>\n42\n</result>", add_special_tokens=False)["input_ids"]
+    start = r.calls[0][2] - len(result_ids)
+    assert r.tokens[start:r.calls[0][2]] == result_ids                   # the tool's text, as tokens
+    assert r.mask[start:r.calls[0][2]] == [0] * len(result_ids)         # m_t = 0 on the result
+    assert all(r.mask[:start]) and all(r.mask[r.calls[0][2]:])
+    assert appo.compute_reward(r.text, ["42"], "math")["reward"] == 1.0
+
+
+def test_core_budget_cut_is_truncated_and_bad_format(memorized):
+    model, tokenizer, prompt = memorized
+    (r,) = appo.run_agent(model, tokenizer, [prompt], tiny_cfg(max_response_tokens=5), None, greedy=True)
+    assert r.done and r.truncated and len(r.tokens) == 5
+    assert appo.compute_reward(r.text, ["42"], "math")["reward"] == -1.0
+
+
+def test_core_branch_from_keeps_prefix_and_tool_state():
+    parent = appo.Rollout(example=3, prompt=[5, 6], tokens=list(range(30)), mask=[1] * 10 + [0] * 5 + [1] * 15,
+                          sampler_logp=[0.0] * 30, calls=[("python", "x = 1", 15), ("python", "y = 2", 25)],
+                          root=7)
+    b = appo.branch_from(parent, 7, 20)
+    assert b.tokens == list(range(20)) and b.mask == parent.mask[:20]    # y_<t kept, y_t re-sampled
+    assert b.calls == [("python", "x = 1", 15)]                          # python state of the prefix only
+    assert (b.parent, b.root, b.fork, b.root_fork, b.example) == (7, 7, 20, 20, 3)
+    bb = appo.branch_from(b, 9, 26)                                      # a second-round branch
+    assert (bb.root, bb.fork, bb.root_fork) == (7, 26, 20)
+
+
+def test_core_candidate_mask_rules():
+    content = torch.tensor([False, True, True, True, True, True])        # token 0 is punctuation
+    r = appo.Rollout(example=0, prompt=[1], tokens=[1, 0, 2, 3, 4, 5, 1], mask=[1, 1, 1, 0, 0, 1, 1])
+    assert appo.candidate_mask([r], content, "appo")[0].tolist() == [True, False, True, False, False, True, False]
+    assert appo.candidate_mask([r], content, "arpo")[0].tolist() == [False, False, False, False, False, True, False]
+    b = appo.Rollout(example=0, prompt=[1], tokens=r.tokens, mask=r.mask, parent=0, fork=2)
+    assert appo.candidate_mask([b], content, "appo")[0].tolist() == [False, False, False, False, False, True, False]
+
+
+@pytest.mark.parametrize("n_initial,branch_points,group_size", [(2, 3, 8), (2, 2, 8), (4, 1, 6)])
+def test_core_tree_has_exactly_m_rollouts_with_shared_prefixes(memorized, n_initial, branch_points, group_size):
+    model, tokenizer, prompt = memorized
+    cfg = tiny_cfg(n_initial=n_initial, branch_points=branch_points, group_size=group_size, temperature=1.5)
+    anchor = appo.copy.deepcopy(model)
+    content = appo.content_token_mask(tokenizer)
+    stats = {}
+    torch.manual_seed(0)
+    rollouts = appo.expand_tree(model, anchor, tokenizer, [prompt, prompt], cfg, None, content, stats)
+    for e in (0, 1):
+        mine = [r for r in rollouts if r.example == e]
+        assert len(mine) == group_size and sum(r.parent < 0 for r in mine) == n_initial
+    assert rollouts[:2 * n_initial] == [r for r in rollouts if r.parent < 0]   # initial ones first
+    assert stats["branch/omega_degenerate"] == stats["branch/scored"] > 0   # anchor == policy: entropy fallback
+    for r in rollouts:
+        assert len(r.tokens) == len(r.mask) == len(r.sampler_logp) and r.done
+        if r.parent >= 0:
+            p = rollouts[r.parent]
+            assert r.tokens[:r.fork] == p.tokens[:r.fork] and r.mask[:r.fork] == p.mask[:r.fork]
+            assert p.mask[r.fork] == 1 and len(r.tokens) > r.fork           # branched at a sampled token
+            root = rollouts[r.root]
+            assert root.parent < 0 and r.tokens[:r.root_fork] == root.tokens[:r.root_fork]
+
+
+def test_core_grpo_tree_has_no_branches(memorized):
+    model, tokenizer, prompt = memorized
+    rollouts = appo.expand_tree(model, model, tokenizer, [prompt], tiny_cfg(algo="grpo"), None,
+                                appo.content_token_mask(tokenizer), {})
+    assert len(rollouts) == 8 and all(r.parent < 0 for r in rollouts)
+
+
+def test_core_rollout_advantages_hand_values():
+    mk = lambda **kw: appo.Rollout(prompt=[0], tokens=[1] * 4, mask=[1] * 4, **kw)
+    rs = [mk(example=0, root=0, reward=1.0), mk(example=0, root=1, reward=0.0),
+          mk(example=0, root=0, parent=0, fork=2, root_fork=2, reward=1.0),
+          mk(example=0, root=0, parent=0, fork=2, root_fork=2, reward=-1.0)]
+    train, adv = appo.rollout_advantages(rs, tiny_cfg(algo="appo"))
+    assert train == rs[:2]
+    # initial group {1, 0}: mean 0.5, std 0.5, A = +-0.5/(0.5 + 1e-6); branch group {1, -1}: A = +-1/(1 + 1e-6)
+    a_init = 0.5 / (0.5 + 1e-6)
+    shared = (a_init + 0.0) / 2                                           # branch advantages average to 0
+    assert torch.allclose(adv[0], torch.tensor([shared, shared, a_init, a_init]), atol=1e-5)
+    assert torch.allclose(adv[1], torch.full((4,), -a_init), atol=1e-5)
+    train, adv = appo.rollout_advantages(rs, tiny_cfg(algo="grpo"))
+    assert len(train) == 4 and torch.allclose(adv[3], adv[3][0].expand(4))
+    equal = [mk(example=0, root=i, reward=0.5) for i in range(3)]
+    assert all(torch.equal(a, torch.zeros(4)) for a in appo.rollout_advantages(equal, tiny_cfg())[1])
+
+
+def test_core_load_examples_verl_parquet_and_jsonl(tmp_path):
+    from datasets import Dataset
+    rows = [{"prompt": [{"role": "system", "content": "use \x08oxed{}"}, {"role": "user", "content": "Q1?"}],
+             "ability": "math", "reward_model": {"ground_truth": "3\\sqrt{3}", "style": "rule"},
+             "extra_info": {"question": "Q1?", "index": 0}}]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "t.parquet"))
+    (ex,) = appo.load_examples(str(tmp_path / "t.parquet"))
+    assert ex["question"] == "Q1?" and ex["answer"] == ["3\\sqrt{3}"] and ex["kind"] == "math"
+    assert ex["messages"][0]["content"] == "use \\boxed{}"               # the dataset's \b typo repaired
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "Who?", "answer": ["A", "B"]}) + "\n"
+                                      + json.dumps({"question": "2+2?", "answer": 4, "kind": "math"}) + "\n")
+    a, b = appo.load_examples(str(tmp_path / "q.jsonl"))
+    assert (a["answer"], a["kind"], b["answer"], b["kind"]) == (["A", "B"], "qa", ["4"], "math")
+    with pytest.raises(FileNotFoundError):
+        appo.load_examples(str(tmp_path / "missing.jsonl"))
+
+
+def test_core_parse_config_rejects_unknown_and_bad_values(capsys):
+    assert appo.parse_config(["--steps=3", "--algo=grpo"]).steps == 3
+    for argv in (["--stepz=3"], ["--algo=ppo"], ["--steps=three"]):
+        with pytest.raises(SystemExit) as e:
+            appo.parse_config(argv)
+        assert e.value.code == 2
+    assert "stepz" in capsys.readouterr().err
+
+
+def test_core_import_has_no_side_effects(tmp_path):
+    out = subprocess.run([sys.executable, "-c", "import appo"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": HERE})
+    assert out.returncode == 0 and out.stdout == "" and os.listdir(tmp_path) == []
+
+
+##### subprocess smoke runs of appo.py at tiny budgets #####
+SMOKE = ["--steps=2", "--sft_steps=3", "--toy_train_size=40", "--toy_test_size=8", "--prompts_per_step=2",
+         "--n_initial=2", "--branch_points=3", "--group_size=8", "--max_response_tokens=64", "--save_every=1"]
+
+
+def run_appo(out_dir, *args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(HERE, "appo.py"), f"--out_dir={out_dir}", *SMOKE, *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=HERE)
+
+
+@pytest.fixture(scope="module")
+def toy_cache(tmp_path_factory):
+    """One toy world + SFT checkpoint, copied into each smoke run's folder (they are cached there)."""
+    out = tmp_path_factory.mktemp("toy")
+    res = run_appo(out, "--steps=0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def seeded_dir(toy_cache, tmp_path):
+    import shutil
+    for sub in ("world", "init", "sft"):
+        shutil.copytree(toy_cache / sub, tmp_path / sub)
+    return tmp_path
+
+
+@pytest.mark.parametrize("algo", ["appo", "grpo", "arpo"])
+def test_core_smoke_run_each_algo(toy_cache, tmp_path, algo):
+    out = seeded_dir(toy_cache, tmp_path)
+    res = run_appo(out, f"--algo={algo}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in ("reward/mean", "acc/mean", "rollouts", "branches", "tokens/generated", "tool_calls",
+                "time/rollout_s", "time/update_s", "branch/omega_degenerate"):
+        assert key in metrics[0], key
+    assert all(m["rollouts"] == 16 for m in metrics)                      # M per prompt, every algo
+    assert all((m["branches"] > 0) == (algo == "appo") or algo == "arpo" for m in metrics)
+    summary = json.load(open(out / "summary.json"))
+    assert summary["algo"] == algo and summary["steps"] == 2 and summary["test_acc_after"] is not None
+    assert json.load(open(out / "config.json"))["algo"] == algo
+    assert os.path.exists(out / "final" / "config.json") and os.path.exists(out / "ckpt" / "trainer_state.pt")
+
+
+def test_core_kill_and_resume(toy_cache, tmp_path):
+    out = seeded_dir(toy_cache, tmp_path)
+    cmd = [sys.executable, os.path.join(HERE, "appo.py"), f"--out_dir={out}", *SMOKE, "--steps=4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:                 # kill right after a checkpoint
+        state = out / "ckpt" / "trainer_state.pt"
+        if state.exists() and torch.load(state, weights_only=False)["step"] >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    res = subprocess.run(cmd + ["--resume=True"], capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
+    assert json.load(open(out / "summary.json"))["steps"] == 4
+
+
+# ===============================================================================================
+# eval.py: loaders, scoring, pass@k, table, resume
+# ===============================================================================================
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def args(**kw):
+    return ev.EvalArgs(**kw)
+
+
+def fake_generate(answers, calls=None):
+    """A stand-in for the agent: answers[question] is boxed; counts calls in `calls`."""
+    def generate(questions, kinds):
+        if calls is not None:
+            calls.append(list(questions))
+        return [SimpleNamespace(text=f"<search> q </search> <result>\nx\n</result> "
+                                     f"<answer>\\boxed{{{answers[q]}}}</answer>",
+                                tool_calls=1, n_generated=7) for q in questions]
+    return generate
+
+
+##### pass@k
+def test_eval_pass_at_k_hand_computed():
+    assert ev.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    assert ev.pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 = c/n
+    assert ev.pass_at_k(4, 1, 3) == pytest.approx(0.75)  # 1 - C(3,3)/C(4,3) = 1 - 1/4
+    assert ev.pass_at_k(4, 0, 2) == 0.0
+    assert ev.pass_at_k(4, 3, 2) == 1.0  # n - c < k: every k-subset holds a correct one
+    with pytest.raises(ValueError):
+        ev.pass_at_k(3, 4, 1)
+
+
+##### loading and normalising the benchmark files
+def test_eval_golds_of_shapes():
+    assert ev.golds_of(["NYC", "New York"], "2wiki") == ["NYC", "New York"]
+    assert ev.golds_of(70, "aime25") == ["70"]
+    assert ev.golds_of('["a", "b"]', "x") == ["a", "b"]
+    assert ev.golds_of("[11,19,22]", "hle") == ["[11,19,22]"]  # a real answer, not a list
+    assert ev.golds_of("[1, -1+j]", "hle") == ["[1, -1+j]"]
+    assert ev.golds_of("She sells 9.\n#### 1,018", "gsm8k") == ["1018"]
+    assert ev.golds_of("  ", "x") == []
+
+
+def test_eval_load_local_formats(tmp_path):
+    d = tmp_path / "bench"
+    write_jsonl(d / "gsm8k" / "test.jsonl", [{"question": "q1", "answer": "2+2=4\n#### 4"}])
+    write_jsonl(d / "aime25" / "test.jsonl", [{"problem": "q2", "answer": 70, "id": "0"}])
+    write_jsonl(d / "gaia" / "test.jsonl", [{"Question": "q3", "Final answer": "34689"}])
+    write_jsonl(d / "math" / "test.jsonl", [{"problem": "q4", "solution": "so $\\boxed{\\frac{1}{2}}$."}])
+    write_jsonl(d / "hotpotqa" / "test.jsonl", [{"question": "q5", "golden_answers": ["yes"]}, ""])
+    a = args(data_dir=str(d))
+    get = {b.name: b for b in ev.BENCHMARKS}
+    assert ev.load_benchmark(get["gsm8k"], a) == [{"question": "q1", "golds": ["4"], "kind": "math"}]
+    assert ev.load_benchmark(get["aime25"], a)[0]["golds"] == ["70"]
+    assert ev.load_benchmark(get["gaia"], a)[0] == {"question": "q3", "golds": ["34689"], "kind": "qa"}
+    assert ev.load_benchmark(get["math"], a)[0]["golds"] == ["\\frac{1}{2}"]
+    assert ev.load_benchmark(get["hotpotqa"], a)[0]["golds"] == ["yes"]  # blank line ignored
+    assert "not found" in ev.load_benchmark(get["hle"], a)  # missing -> a reason to skip
+
+
+def test_eval_malformed_row_names_file_and_line(tmp_path):
+    d = tmp_path / "bench"
+    write_jsonl(d / "bamboogle" / "test.jsonl", [{"question": "ok", "answer": ["a"]}, {"question": "no gold"}])
+    bench = next(b for b in ev.BENCHMARKS if b.name == "bamboogle")
+    with pytest.raises(ev.DataError, match=r"bamboogle/test.jsonl:2: no question"):
+        ev.load_benchmark(bench, args(data_dir=str(d)))
+    write_jsonl(d / "bamboogle" / "test.jsonl", ['{"question": "broken'])
+    with pytest.raises(ev.DataError, match=r"test.jsonl:1: not valid JSON"):
+        ev.load_benchmark(bench, args(data_dir=str(d)))
+
+
+def test_eval_toy_split_and_limit(tmp_path):
+    write_jsonl(tmp_path / "world" / "test.jsonl", [
+        {"question": "1+1?", "answer": ["2"], "kind": "math"},
+        {"question": "capital?", "answer": ["Paris"], "kind": "qa"},
+        {"question": "3+3?", "answer": ["6"], "kind": "math"}])
+    rows = ev.load_benchmark(ev.TOY, args(toy_dir=str(tmp_path / "world"), limit=2))
+    assert [r["kind"] for r in rows] == ["math", "qa"]
+    assert "run `python appo.py` first" in ev.load_benchmark(ev.TOY, args(toy_dir=str(tmp_path / "none")))
+
+
+##### scoring
+def test_eval_score_response_by_metric():
+    row = {"question": "q", "golds": ["New York", "NYC"], "kind": "qa"}
+    text = "<answer>\\boxed{new york city}</answer>"
+    assert ev.score_response(text, row, "f1")["score"] == pytest.approx(0.8)
+    assert ev.score_response(text, row, "judge")["score"] == 0.0  # exact-match stand-in
+    assert ev.score_response("<answer>\\boxed{The NYC.}</answer>", row, "judge")["score"] == 1.0
+    assert ev.score_response(text, row, "judge", judge=lambda q, g, p: 1.0)["score"] == 1.0
+    assert ev.score_response("no answer", row, "judge", judge=lambda q, g, p: 1.0)["score"] == 0.0
+    math_row = {"question": "q", "golds": ["\\frac{1}{2}"], "kind": "math"}
+    assert ev.score_response("<answer>\\boxed{0.5}</answer>", math_row, "math")["score"] == 1.0
+
+
+##### the loop and resuming
+def test_eval_evaluate_resumes_after_interruption(tmp_path):
+    rows = [{"question": f"q{i}", "golds": [str(i)], "kind": "math"} for i in range(5)]
+    answers = {f"q{i}": str(i if i % 2 == 0 else -1) for i in range(5)}  # q0, q2, q4 right
+    out = tmp_path / "bench.jsonl"
+    score = lambda text, row: ev.score_response(text, row, "math")  # noqa: E731
+    calls = []
+    good = fake_generate(answers, calls)
+
+    def interrupted(questions, kinds):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return good(questions, kinds)
+
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(rows, interrupted, score, str(out), n=2, batch_size=3)
+    assert len(out.read_text().splitlines()) == 6  # two batches of 3 written before the stop
+    with open(out, "a") as f:
+        f.write('{"idx": 3, "sample": 0, "quest')  # a half-written line, as a kill leaves it
+    calls.clear()
+    records = ev.evaluate(rows, good, score, str(out), n=2, batch_size=3)
+    assert sum(len(c) for c in calls) == 4  # only the 4 missing samples were generated
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted((r["idx"], r["sample"]) for r in lines) == [(i, s) for i in range(5) for s in range(2)]
+    assert [r["score"] for r in records] == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    assert lines[0]["answer"] == "0" and lines[0]["tool_calls"] == 1 and lines[0]["n_generated"] == 7
+    calls.clear()
+    ev.evaluate(rows, good, score, str(out), n=2, batch_size=3)
+    assert calls == []  # everything done: nothing generated
+    with pytest.raises(ev.DataError, match="different dataset"):
+        ev.evaluate([{"question": "other", "golds": ["1"], "kind": "qa"}] * 5, good, score, str(out), n=2)
+
+
+##### metrics and the tables
+def test_eval_summarize_pass_at_k_and_f1_threshold():
+    recs = [{"idx": i, "sample": s, "score": sc, "format_ok": True, "tool_calls": 2, "n_generated": 10}
+            for i, scores in enumerate([[1.0, 0.0, 0.0], [0.6, 0.4, 0.2]]) for s, sc in enumerate(scores)]
+    out = ev.summarize(recs, 3, threshold=0.5)
+    assert out["pass@1"] == pytest.approx((1.0 + 0.6 + 0.4 + 0.2) / 6)  # mean score (mean F1)
+    assert out["pass@3"] == pytest.approx(1.0)  # each question has one sample >= 0.5
+    assert out["tool_calls"] == 2 and out["questions"] == 2
+    assert "pass@1" in ev.summarize(recs[:1], 1, 0.5) and "pass@3" not in ev.summarize(recs[:1], 1, 0.5)
+
+
+def test_eval_markdown_table1_layout():
+    stats = lambda v: {"questions": 2, "samples_per_question": 1, "pass@1": v, "format_ok": 1.0,  # noqa: E731
+                       "tool_calls": 1.5, "generated_tokens": 30.0}
+    results = {"aime24": stats(0.5), "hotpotqa": stats(0.25), "gaia": stats(0.1)}
+    md = ev.markdown(results, {"hle": "not found"}, judged=False)
+    header = md.splitlines()[0]
+    assert header.index("AIME24") < header.index("MATH") < header.index("HotpotQA") < header.index("Xbench")
+    assert "| This run | 50.0 |" in md and "10.0*" in md and "exact match" in md
+    assert "| APPO (paper, Qwen2.5-7B) | 36.7 | 30.0 | 81.0" in md and "62.2" in md
+    assert "Skipped hle: not found" in md and "†" in md
+    avg = ev.averages(results)
+    assert avg["math"]["value"] == 0.5 and avg["avg10"]["value"] == pytest.approx(0.375)
+    assert avg["avg13"]["value"] == pytest.approx(0.85 / 3) and not avg["avg13"]["complete"]
+    toy = ev.markdown({"toy": stats(0.75)}, {}, judged=False)
+    assert "This run" not in toy and "| toy | toy | by kind | 2 | 75.0 |" in toy
+
+
+##### settings
+def test_eval_unknown_setting_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(["--bogus=1"])
+    assert e.value.code == 2 and "--bogus=1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(["--n=4"])  # sampling several times greedily is a mistake
+    assert e.value.code == 2
+    a = ev.parse_args(["--n=4", "--temperature=0.6", "--benchmarks=aime24,gsm8k", "--limit=3"])
+    assert (a.n, a.temperature, a.limit) == (4, 0.6, 3)
+    assert [b.name for b in ev.select(a.benchmarks)] == ["aime24", "gsm8k"]
+    assert len(ev.select("all")) == 13
+    with pytest.raises(SystemExit):
+        ev.select("aime24,nope")
+
+
+def test_eval_main_end_to_end_with_fake_agent(tmp_path, monkeypatch):
+    d = tmp_path / "bench"
+    write_jsonl(d / "gsm8k" / "test.jsonl", [{"question": "a", "answer": "#### 4"}, {"question": "b", "answer": "#### 5"}])
+    write_jsonl(d / "bamboogle" / "test.jsonl", [{"question": "c", "answer": ["Paris"]}])
+    answers = {"a": "4", "b": "6", "c": "Paris"}
+    monkeypatch.setattr(ev, "load_agent", lambda a, b: (None, None))
+    monkeypatch.setattr(ev, "make_generate", lambda m, t, cfg, greedy: fake_generate(answers))
+    monkeypatch.setattr(ev, "agent_config", lambda a, b: None)
+    out = tmp_path / "out"
+    summary = ev.main([f"--data_dir={d}", "--benchmarks=gsm8k,bamboogle,hle", f"--out_dir={out}"])
+    assert summary["results"]["gsm8k"]["pass@1"] == 0.5 and summary["results"]["bamboogle"]["pass@1"] == 1.0
+    assert "hle" in summary["skipped"]
+    assert (out / "results.md").exists() and (out / "gsm8k.jsonl").exists()
+    assert json.loads((out / "summary.json").read_text())["averages"]["math"]["value"] == 0.5
+    with pytest.raises(SystemExit):  # same out_dir, other settings: refuse to mix runs
+        ev.main([f"--data_dir={d}", "--benchmarks=gsm8k", f"--out_dir={out}", "--seed=1"])
+
+
+##### the judge
+class _Judge(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        reply = "Correct" if "Predicted answer: Paris" in prompt else "incorrect"
+        data = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_eval_judge_openai_compatible_and_unreachable():
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    try:
+        assert ev.ask_judge("capital?", ["Paris"], "Paris", url, "m") == 1.0
+        assert ev.ask_judge("capital?", ["Paris"], "Lyon", url, "m") == 0.0
+    finally:
+        server.shutdown()
+    with pytest.raises(ev.JudgeError, match="failed 2 times"):
+        ev.ask_judge("q", ["a"], "a", f"http://127.0.0.1:{server.server_port}/v1", "m", timeout=1, retries=2)
