@@ -124,7 +124,7 @@ class Config:
     """Sequences generated together (lower it for big models)."""
 
     # --- update (spec section 3) ---
-    steps: int = 40
+    steps: int = 60
     """RL steps."""
     prompts_per_step: int = 8
     """Prompts per RL step. Paper: 128 (code: 96)."""
@@ -704,8 +704,8 @@ def generate_rollouts(model, tokenizer, rollouts, cfg, search, greedy=False):
         for start in range(0, len(live), cfg.gen_batch_size):
             for r, segment in generate_segment(model, tokenizer, live[start:start + cfg.gen_batch_size],
                                                cfg, greedy, want_logp):
-                if not r.done:
-                    pending.append((r, tools.parse_tool_call(segment)))
+                if not r.done:   # parse the whole response: a branch may fork inside a call's payload
+                    pending.append((r, tools.parse_tool_call(tokenizer.decode(r.tokens, skip_special_tokens=True))))
         batch = []
         for r, call in pending:
             if call is None:
@@ -955,9 +955,9 @@ def ppo_update(model, optimizer, train, advs, old_logps, ref_logps, cfg, pad_id)
 def toy_world(cfg):
     """Fictional facts and questions that need a tool: arithmetic a 0.9M-parameter model cannot do
     in its head (python), and one- and two-hop questions about invented people and companies
-    (search over a generated corpus). No test question is a train question; the people and
-    companies are shared, so every name is a token the model has seen (a never-trained embedding
-    cannot be copied). Returns (train, test, corpus): examples {question, answer: [aliases], kind}
+    (search over a generated corpus). Both splits are half math, half search; no test question is
+    a train question, but people and companies are shared, so every name is a token the model has
+    seen (a never-trained embedding cannot be copied). Returns (train, test, corpus): examples {question, answer: [aliases], kind}
     and passages."""
     rng = random.Random(cfg.seed)
     syllables = "ka lo ve ri ta mon zu bel dra fi ne os pra ul gar min so vik al dun pe tor".split()
@@ -970,52 +970,46 @@ def toy_world(cfg):
         return n
 
     cities = [name(3) for _ in range(40)]
-    people = [name(3) for _ in range(300)]
+    people = [name(3) for _ in range(600)]
     born = {p: rng.choice(cities) for p in people}
     mentor = {p: rng.choice([q for q in people if q != p]) for p in people}
-    companies = [name(2) for _ in range(150)]
+    companies = [name(2) for _ in range(300)]
     founder = {c: rng.choice(people) for c in companies}
     based = {c: rng.choice(cities) for c in companies}
     corpus = [{"id": str(i), "contents": f'"{p}"\n{p} was born in {born[p]}. {p} was mentored by {mentor[p]}.'}
               for i, p in enumerate(people)]
     corpus += [{"id": str(len(people) + i), "contents": f'"{c}"\n{c} is a company based in {based[c]}. '
                 f'It was founded by {founder[c]}.'} for i, c in enumerate(companies)]
-
-    def questions(ppl, comps, n):
-        out, seen = [], set()
-        while len(out) < n:
-            kind = rng.choice(["mul", "muladd", "born", "founder_born", "founder_mentor"])
-            if kind == "mul":             # results stay below 1000: every number is one token
-                a, b = rng.randint(11, 99), rng.randint(2, 9)
-                q, code, gold = f"What is {a} * {b}?", f"{a} * {b}", str(a * b)
-            elif kind == "muladd":
-                a, b, c = rng.randint(10, 99), rng.randint(2, 9), rng.randint(11, 99)
-                q, code, gold = f"What is {a} + {b} * {c}?", f"{a} + {b} * {c}", str(a + b * c)
-            elif kind == "born":
-                p = rng.choice(ppl)
-                q, hops, gold = f"Where was {p} born?", [p], born[p]
-                shortcut = rng.choice([c for c in cities if c != gold])
-            else:
-                c = rng.choice(comps)
-                p = founder[c]
-                q = f"Where was the founder of {c} born?" if kind == "founder_born" else f"Who mentored the founder of {c}?"
-                hops, gold = [c, p], born[p] if kind == "founder_born" else mentor[p]
-                shortcut = based[c] if kind == "founder_born" else p   # what the first hop shows
-            if q in seen:
-                continue
+    ##### every possible search question (1,200), and as many distinct arithmetic ones as needed #####
+    qa = [{"question": f"Where was {p} born?", "answer": [born[p]], "kind": "qa", "hops": [p],
+           "shortcut": rng.choice([c for c in cities if c != born[p]])} for p in people]
+    for c in companies:   # two hops; the shortcut is what the first hop shows
+        p = founder[c]
+        qa.append({"question": f"Where was the founder of {c} born?", "answer": [born[p]], "kind": "qa",
+                   "hops": [c, p], "shortcut": based[c]})
+        qa.append({"question": f"Who mentored the founder of {c}?", "answer": [mentor[p]], "kind": "qa",
+                   "hops": [c, p], "shortcut": p})
+    math, seen = [], set()
+    while len(math) < (cfg.toy_train_size + cfg.toy_test_size + 1) // 2:
+        a, b, c = rng.randint(10, 99), rng.randint(2, 9), rng.randint(11, 99)   # results < 1000: one token each
+        if rng.random() < 0.4:
+            q, code, gold = f"What is {a} * {b}?", f"{a} * {b}", a * b
+        else:
+            q, code, gold = f"What is {a} + {b} * {c}?", f"{a} + {b} * {c}", a + b * c
+        if q not in seen:
             seen.add(q)
-            ex = {"question": q, "answer": [gold], "kind": "math" if kind.startswith("mul") else "qa"}
-            if ex["kind"] == "math":
-                ex["code"] = code
-            else:
-                ex["hops"], ex["shortcut"] = hops, shortcut
-            out.append(ex)
-        return out
-
-    train = questions(people, companies, cfg.toy_train_size)
-    train_q = {e["question"] for e in train}
-    test = [e for e in questions(people, companies, 3 * cfg.toy_test_size) if e["question"] not in train_q]
-    return train, test[:cfg.toy_test_size], corpus
+            math.append({"question": q, "answer": [str(gold)], "kind": "math", "code": code})
+    rng.shuffle(qa)
+    ##### half math, half search in both splits; no test question is a train question #####
+    n_test, n_train = cfg.toy_test_size // 2, cfg.toy_train_size // 2
+    if n_test + n_train > len(qa):
+        raise ValueError(f"the toy world has {len(qa)} search questions; toy_train_size + toy_test_size "
+                         f"may use at most {2 * len(qa)}")
+    test = qa[:n_test] + math[:cfg.toy_test_size - n_test]
+    train = qa[n_test:n_test + n_train] + math[cfg.toy_test_size - n_test:][:cfg.toy_train_size - n_train]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test, corpus
 
 
 def toy_trace(ex, search, rng, guess_rate):

@@ -786,6 +786,15 @@ def test_core_agent_loop_runs_tool_and_masks_result(memorized):
     assert appo.compute_reward(r.text, ["42"], "math")["reward"] == 1.0
 
 
+def test_core_branch_forked_inside_a_tool_call_runs_the_call(memorized):
+    model, tokenizer, prompt = memorized
+    (parent,) = appo.run_agent(model, tokenizer, [prompt], tiny_cfg(), None, greedy=True)
+    inside = len(tokenizer("<python>print(6", add_special_tokens=False)["input_ids"])   # fork in the payload
+    branch = appo.branch_from(parent, 0, inside)
+    appo.generate_rollouts(model, tokenizer, [branch], tiny_cfg(), None, greedy=True)
+    assert branch.calls[0][:2] == ("python", "print(6*7)") and "\n42\n" in branch.text, branch.text
+
+
 def test_core_budget_cut_is_truncated_and_bad_format(memorized):
     model, tokenizer, prompt = memorized
     (r,) = appo.run_agent(model, tokenizer, [prompt], tiny_cfg(max_response_tokens=5), None, greedy=True)
@@ -830,6 +839,7 @@ def test_core_tree_has_exactly_m_rollouts_with_shared_prefixes(memorized, n_init
     assert stats["branch/omega_degenerate"] == stats["branch/scored"] > 0   # anchor == policy: entropy fallback
     for r in rollouts:
         assert len(r.tokens) == len(r.mask) == len(r.sampler_logp) and r.done
+        assert "without a matching" not in r.text        # a fork inside a call's payload still runs the call
         if r.parent >= 0:
             p = rollouts[r.parent]
             assert r.tokens[:r.fork] == p.tokens[:r.fork] and r.mask[:r.fork] == p.mask[:r.fork]
@@ -957,6 +967,19 @@ def test_core_kill_and_resume(toy_cache, tmp_path):
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]
     assert json.load(open(out / "summary.json"))["steps"] == 4
+
+
+def test_core_toy_world_splits():
+    train, test, corpus = appo.toy_world(appo.Config(toy_train_size=400, toy_test_size=60))
+    assert (len(train), len(test), len(corpus)) == (400, 60, 900)
+    assert not {e["question"] for e in train} & {e["question"] for e in test}      # held out
+    assert sum(e["kind"] == "qa" for e in test) == 30 and sum(e["kind"] == "qa" for e in train) == 200
+    docs = {c["contents"].split("\n")[0].strip('"'): c["contents"] for c in corpus}
+    for e in test:
+        if e["kind"] == "math":
+            assert int(e["answer"][0]) < 1000 and str(eval(e["code"])) == e["answer"][0]
+        else:                                   # the answer is in the passage of the last hop
+            assert e["answer"][0] in docs[e["hops"][-1]]
 
 
 # ===============================================================================================
