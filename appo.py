@@ -821,6 +821,14 @@ def candidate_mask(rollouts, content_ids, algo):
     return stack_rows(rows).bool()
 
 
+def per_prompt(rollouts, n_prompts):
+    """How many rollouts each prompt has so far."""
+    count = [0] * n_prompts
+    for r in rollouts:
+        count[r.example] += 1
+    return count
+
+
 def expand_tree(model, anchor, tokenizer, prompts, cfg, search, content_ids, stats):
     """All rollouts of one RL step: N per prompt, then rounds of branching until M per prompt.
     Returns the rollouts (initial ones first); fills `stats` with branching metrics."""
@@ -833,9 +841,7 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, search, content_ids, sta
     rule = "entropy" if cfg.algo == "arpo" else cfg.branch_score
     stats.update({"branch/omega_degenerate": 0, "branch/scored": 0, "branch/rounds": 0})
     while frontier:
-        count = [0] * len(prompts)
-        for r in rollouts:
-            count[r.example] += 1
+        count = per_prompt(rollouts, len(prompts))
         frontier = [i for i in frontier if count[rollouts[i].example] < cfg.group_size]
         if not frontier:
             break
@@ -870,9 +876,7 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, search, content_ids, sta
         frontier = list(range(len(rollouts), len(rollouts) + len(new)))
         rollouts += new
     if cfg.algo == "arpo":   # Decision: ARPO's shortfall (rollouts without tool calls) -> fresh rollouts
-        count = [0] * len(prompts)
-        for r in rollouts:
-            count[r.example] += 1
+        count = per_prompt(rollouts, len(prompts))
         extra = [Rollout(example=e, prompt=prompts[e]) for e in range(len(prompts))
                  for _ in range(cfg.group_size - count[e])]
         for j, r in enumerate(extra):
