@@ -20,8 +20,10 @@ A real model on one GPU (see README.md for the full command and memory settings)
 Order of this file: settings, reward, the equations (pure functions), the agent loop and the
 rollout tree, the toy world, infrastructure, main().
 """
+import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -76,7 +78,10 @@ class Config:
         "comes back inside <result> </result>. End with <answer> \\boxed{final answer} </answer>.")
     """System prompt for JSONL questions and the toy (parquet rows bring their own)."""
     dtype: str = "auto"
-    """'auto' = bfloat16 on cuda, float32 elsewhere; or float32 / bfloat16 / float16."""
+    """Compute dtype of forward passes: auto (bfloat16 on a GPU that supports it, else float32) |
+    float32 | bfloat16. Weights and AdamW state stay float32 either way (master weights); bfloat16
+    runs the forward passes under autocast. Updating bf16 weights directly loses most small
+    updates: at lr 1e-6 only ~2% of the weights changed in 10 steps (measured)."""
     gradient_checkpointing: bool = False
     """Trade compute for memory (needed for 1.5B models on 24 GB)."""
 
@@ -105,11 +110,17 @@ class Config:
     """B: branch points per rollout and round. Paper: 3."""
     group_size: int = 16
     """M: rollouts per prompt in all. Paper: 16. One round gives (B+1)*N."""
+    keep_branch_token: bool = True
+    """True: a branch at t keeps the chosen token y_t and re-samples from y_{t+1} (spec section 2
+    step 4, revised; the reference code), so the uncertain fork token gets the branches' credit
+    (Eq. 6). False: re-sample y_t itself (the earlier rule, kept as an ablation)."""
     branch_score: str = "bs"
     """bs (Eq. 5) | entropy | random: how branch points are ranked (Table 4 ablation)."""
     omega_anchor: str = "prev"
     """pi_anchor of Eq. 4 at branching time: prev (weights before the latest update) | ref
-    (initial weights) | sampler (log-probs recorded while sampling). A Decision: see README."""
+    (initial weights) | sampler (Omega compares a fresh forward pass with the log-probs recorded
+    while sampling: reference-code parity, non-zero only through numerical mismatch such as
+    bf16). A Decision: see README."""
     half_life: float = 32.0
     """h in gamma = 2^(-1/h) for Eqs. 4 and 7. Paper: 32 (code: 64)."""
     temperature: float = 0.7
@@ -122,6 +133,9 @@ class Config:
     """Response budget incl. tool results. Paper: 4096 reasoning / 8192 deep search; toy: 192."""
     gen_batch_size: int = 128
     """Sequences generated together (lower it for big models)."""
+    logit_chunk: int = 1024
+    """Response positions per chunk when log-probs are computed for training: one chunk's
+    (micro_batch, chunk, vocab) float32 logits exist at a time, recomputed in the backward pass."""
 
     # --- update (spec section 3) ---
     steps: int = 60
@@ -173,26 +187,115 @@ class Config:
     """SFT learning rate (paper: 7e-6 for 7B)."""
 
 
+def field_docs(cls):
+    """{field: docstring} for a dataclass whose fields each carry a docstring line below them.
+
+    The docstrings are the one place a setting is explained; --help prints them."""
+    import ast
+    import inspect
+    import textwrap
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+
+
+def settings_help(cls, prog):
+    """What `--help` prints: the usage docstring's first lines, then every setting with its default."""
+    import textwrap
+    docs, lines = field_docs(cls), [f"usage: python {prog} [--key=value ...]", ""]
+    for f in dataclasses.fields(cls):
+        lines.append(f"  --{f.name}={f.default!r}" if f.type is str else f"  --{f.name}={f.default}")
+        lines += textwrap.wrap(docs.get(f.name, ""), 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def stop(prog, message):
+    """One clear line on stderr and exit code 2: for settings and data a user can fix."""
+    print(f"{prog}: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_settings(cls, argv, prog):
+    """`--key=value` (or `--key value`; a bare `--flag` means True) -> an instance of dataclass `cls`.
+
+    `-h`/`--help` prints every setting's docstring and default. An unknown key or a value of the
+    wrong type exits with code 2 and one line naming it (and, for a key, the valid ones).
+    """
+    if any(a in ("-h", "--help") for a in argv):
+        print(settings_help(cls, prog))
+        sys.exit(0)
+    fields, values, i = {f.name: f for f in dataclasses.fields(cls)}, {}, 0
+    while i < len(argv):
+        arg, i = argv[i], i + 1
+        key, eq, value = arg.removeprefix("--").partition("=")
+        key = key.replace("-", "_")
+        if not arg.startswith("--") or key not in fields:
+            stop(prog, f"unknown setting {arg!r}. Valid: {', '.join(fields)}")
+        kind = fields[key].type
+        if not eq:
+            if i < len(argv) and not argv[i].startswith("--"):
+                value, i = argv[i], i + 1
+            elif kind is bool:
+                value = "true"
+            else:
+                stop(prog, f"--{key} needs a value, e.g. --{key}={fields[key].default!r}")
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                values[key] = value.lower() in ("true", "1", "yes")
+            else:
+                values[key] = kind(value)
+        except ValueError:
+            stop(prog, f"--{key}={value!r} is not a valid {kind.__name__}")
+    return cls(**values)
+
+
 def parse_config(argv):
-    """`--key=value` pairs -> Config. Unknown keys or bad values exit with code 2 naming them."""
-    from transformers import HfArgumentParser
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    for arg in argv:
-        key = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else arg
-        if key not in fields and key not in ("h", "help"):
-            print(f"appo.py: unknown setting {arg!r}. Valid: {', '.join(fields)}", file=sys.stderr)
-            sys.exit(2)
-    (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses(argv)  # exits 2 on a bad value
-    checks = {"algo": ("appo", "grpo", "arpo"), "branch_score": ("bs", "entropy", "random"),
-              "omega_anchor": ("prev", "ref", "sampler")}
-    for key, allowed in checks.items():
+    """`--key=value` pairs -> Config, checked: anything a user can get wrong stops here, before
+    any work, with one line and exit code 2."""
+    cfg = parse_settings(Config, argv, "appo.py")
+    choices = {"algo": ("appo", "grpo", "arpo"), "branch_score": ("bs", "entropy", "random"),
+               "omega_anchor": ("prev", "ref", "sampler"), "dtype": ("auto", "float32", "bfloat16")}
+    for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
-            print(f"appo.py: --{key}={getattr(cfg, key)!r} is not one of {allowed}", file=sys.stderr)
-            sys.exit(2)
-    if cfg.n_initial < 1 or cfg.group_size < cfg.n_initial or cfg.prompts_per_step < 1:
-        print("appo.py: need 1 <= n_initial <= group_size and prompts_per_step >= 1", file=sys.stderr)
-        sys.exit(2)
+            stop("appo.py", f"--{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    checks = [
+        (cfg.steps >= 0, "--steps must be >= 0"),
+        (cfg.prompts_per_step >= 1 and cfg.mini_batch_prompts >= 1, "--prompts_per_step and --mini_batch_prompts must be >= 1"),
+        (1 <= cfg.n_initial <= cfg.group_size, "need 1 <= --n_initial <= --group_size"),
+        (cfg.branch_points >= 0, "--branch_points must be >= 0"),
+        (cfg.temperature > 0, "--temperature must be > 0 (the loss and Eq. 3 use softmax(z / tau))"),
+        (0 < cfg.top_p <= 1, "--top_p must be in (0, 1]"),
+        (cfg.max_response_tokens >= 1 and cfg.gen_batch_size >= 1 and cfg.micro_batch_size >= 1,
+         "--max_response_tokens, --gen_batch_size and --micro_batch_size must be >= 1"),
+        (cfg.lr > 0 and cfg.sft_lr > 0, "--lr and --sft_lr must be > 0"),
+        (cfg.ppo_epochs >= 1 and cfg.save_every >= 1, "--ppo_epochs and --save_every must be >= 1"),
+        (cfg.half_life > 0 and cfg.dual_clip > 1, "--half_life must be > 0 and --dual_clip > 1"),
+        (0 <= cfg.clip_low < 1 and cfg.clip_high >= 0, "need 0 <= --clip_low < 1 and --clip_high >= 0"),
+        (cfg.max_tool_calls >= 0 and cfg.tool_timeout > 0, "--max_tool_calls must be >= 0, --tool_timeout > 0"),
+        (cfg.eval_limit >= 0 and cfg.sft_steps >= 0 and cfg.sft_batch_size >= 1,
+         "--eval_limit and --sft_steps must be >= 0, --sft_batch_size >= 1"),
+        (not cfg.model or os.path.isdir(cfg.model) or _looks_like_hub_id(cfg.model),
+         f"--model={cfg.model!r} is neither a folder nor a Hugging Face Hub id (org/name)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            stop("appo.py", message)
+    for key in ("train_data", "test_data", "search_corpus", "search_cache"):
+        path = getattr(cfg, key)
+        if path and not os.path.isfile(path):
+            stop("appo.py", f"--{key}={path!r}: no such file")
+    if cfg.model and not cfg.train_data:
+        stop("appo.py", "--train_data is needed with --model")
     return cfg
+
+
+def _looks_like_hub_id(name):
+    """'org/name' or 'name' with Hub-legal characters, not a path a user meant as a folder."""
+    return (not name.startswith((".", "/", "~")) and name.count("/") <= 1
+            and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,14 +518,15 @@ def branching_score(entropy, omega, mask):
 def dual_group_advantages(rewards, prompt_ids, is_branch):
     """Eq. 6 groups: A_n = (R_n - mean_G R) / (std_G R + 1e-6), G = (prompt_id, is_branch).
 
-    One entry per rollout (1-D, length R); population std. A group of one, or a group whose
+    One entry per rollout (1-D tensors or python lists, length R); population std. A group of one, or a group whose
     rewards are all equal (std < 1e-6), gives exactly 0: guarding the std keeps float rounding
     of the mean from turning equal rewards into tiny non-zero advantages. For the single-group
     ablation (dual_group = False) pass is_branch all False: then G = prompt.
     Example: prompt 0, initial rewards [1, 0], branch rewards [1, 1, 0]
              -> [1.0, -1.0, 0.7071, 0.7071, -1.4142]  (first two are +-0.999998 exactly).
     """
-    rewards = rewards.double()  # float64: exact enough that equal rewards stay equal
+    rewards = torch.as_tensor(rewards, dtype=torch.float64)  # float64: equal rewards stay equal
+    prompt_ids, is_branch = torch.as_tensor(prompt_ids), torch.as_tensor(is_branch)  # lists welcome
     keys = torch.stack([prompt_ids.long(), is_branch.long()], dim=1)  # (R, 2)
     _, group = torch.unique(keys, dim=0, return_inverse=True)  # (R,) group id per rollout
     adv = torch.zeros_like(rewards)
@@ -597,7 +701,7 @@ def select_branch_points(entropy, omega, candidates, k, rule="bs", generator=Non
 
 
 # ---------------------------------------------------------------------------------------------
-# The agent loop: batched generation that pauses at tool calls (spec section 1)
+# The agent loop: batched sampling that pauses at tool calls (spec section 1)
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Rollout:
@@ -606,13 +710,14 @@ class Rollout:
     prompt: list                                        # prompt token ids
     tokens: list = field(default_factory=list)          # response y_1..y_T (tool results included)
     mask: list = field(default_factory=list)            # m_t: 1 sampled by the model, 0 tool result
-    sampler_logp: list = field(default_factory=list)    # log pi(y_t) seen while sampling (anchor 'sampler')
+    logp: list = field(default_factory=list)            # log pi_old(y_t | s_t) at tau, from the sampler
+    entropy: list = field(default_factory=list)         # H_t of Eq. 3, from the sampler (0 on results)
     calls: list = field(default_factory=list)           # (name, payload, end): end = len(tokens) after its result
     done: bool = False
     truncated: bool = False                             # ran out of response tokens
     parent: int = -1                                    # rollout it branched from (-1: initial rollout)
     root: int = -1                                      # initial rollout at the top of its lineage
-    fork: int = 0                                       # y_<fork shared with the parent, y_fork re-sampled
+    fork: int = 0                                       # y_<fork shared with the parent, re-sampled from y_fork
     root_fork: int = 0                                  # where its lineage left the root's tokens
     text: str = ""                                      # decoded response
     reward: float = 0.0
@@ -623,9 +728,16 @@ class Rollout:
     def tool_calls(self):
         return len(self.calls)
 
-    @property
-    def n_generated(self):
-        return sum(self.mask)
+
+@dataclass
+class Sampling:
+    """The agent loop's own settings (eval.py builds one without a training Config)."""
+    temperature: float = 1.0            # tau: samples come from exactly softmax(z / tau)
+    top_p: float = 1.0                  # nucleus sampling; 1.0 = off (on-policy)
+    greedy: bool = False                # argmax instead of sampling (evaluation)
+    max_response_tokens: int = 192      # response budget, tool results included
+    max_tool_calls: int = 3             # further calls are answered with a limit message
+    batch_size: int = 128               # rows sampled together
 
 
 def build_prompt(tokenizer, question, kind="qa", system_prompt=None, messages=None):
@@ -647,81 +759,154 @@ def build_prompt_text(question, system_prompt):
     return f"{system_prompt}\nQuestion: {question}\n"
 
 
-def _stop_index(tokenizer, new_ids, stops):
-    """Length of the prefix of `new_ids` that ends with the first stop string (None if none)."""
-    for j in range(1, len(new_ids) + 1):
-        if any(s in tokenizer.decode(new_ids[max(0, j - 8):j]) for s in stops):
-            return j
+STOPS = tools.STOP_STRINGS + ("</answer>",)    # a turn pauses at a closing tool tag, ends at </answer>
+
+
+@functools.lru_cache(maxsize=8)
+def token_texts(tokenizer):
+    """The text of every token id as it reads inside a sequence (a leading space kept), decoded
+    once, so the agent loop finds stop strings in O(tokens) instead of re-decoding rows."""
+    probe = tokenizer.encode("a", add_special_tokens=False)[:1]
+    head = tokenizer.decode(probe)
+    texts = tokenizer.batch_decode([probe + [i] for i in range(len(tokenizer))])
+    return [t[len(head):] if t.startswith(head) else t for t in texts]
+
+
+def find_stop(tail, piece, stops=STOPS):
+    """The stop string that ends inside `piece` when it is appended to `tail`, else None.
+
+    Matching on text, not tokens, finds `</python>` however it was split, also across a
+    branch's fork (`tail` holds the text before it). Example: find_stop("x</pyth", "on>") -> "</python>".
+    """
+    window = tail + piece
+    for s in stops:
+        if window.find(s, max(0, len(tail) - len(s) + 1)) >= 0:
+            return s
     return None
 
 
+def tail_text(tokens, texts, n=32):
+    """The text of the last n tokens (enough to hold the start of any stop string)."""
+    return "".join(texts[t] if t < len(texts) else "" for t in tokens[-n:])
+
+
+def top_p_filter(probs, top_p):
+    """Zero each row's tail outside the smallest set of tokens with probability mass >= top_p.
+
+    Example: probs [[0.5, 0.3, 0.2]], top_p 0.7 -> [[0.5, 0.3, 0]] (multinomial renormalises).
+    """
+    if top_p >= 1.0:
+        return probs
+    sorted_p, order = probs.sort(-1, descending=True)           # (b, V)
+    sorted_p[sorted_p.cumsum(-1) - sorted_p >= top_p] = 0.0      # mass before it already reaches top_p
+    return torch.zeros_like(probs).scatter(-1, order, sorted_p)
+
+
 @torch.no_grad()
-def generate_segment(model, tokenizer, rollouts, cfg, greedy, want_logp):
-    """Every rollout samples until a closing tool tag, </answer>, EOS or its token budget."""
-    from transformers import GenerationConfig
-    stops = list(tools.STOP_STRINGS) + ["</answer>"]
-    pad = tokenizer.pad_token_id
-    seqs = [r.prompt + r.tokens for r in rollouts]
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=model.device)  # (b, L) left-padded
-    attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=model.device)
-    budget = max(cfg.max_response_tokens - len(r.tokens) for r in rollouts)
-    gen = GenerationConfig(
-        do_sample=not greedy, temperature=cfg.temperature if not greedy else None,
-        top_p=cfg.top_p if not greedy else None, top_k=0 if not greedy else None,
-        max_new_tokens=budget, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-        stop_strings=stops, return_dict_in_generate=True, output_logits=want_logp)
-    out = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen, tokenizer=tokenizer)
-    new = out.sequences[:, width:].tolist()                                          # (b, n)
-    if want_logp:
-        logits = torch.stack(out.logits, 1).float() / max(cfg.temperature, 1e-6)     # (b, n, V)
-        logp = logits.log_softmax(-1).gather(-1, out.sequences[:, width:, None])[..., 0].tolist()
-    for i, r in enumerate(rollouts):
-        row = new[i][:cfg.max_response_tokens - len(r.tokens)]
-        if pad != tokenizer.eos_token_id and pad in row:                          # filler after a stop
-            row = row[:row.index(pad)]
-        end = len(row)
-        if tokenizer.eos_token_id in row:
-            end = row.index(tokenizer.eos_token_id) + 1
-        stop = _stop_index(tokenizer, row[:end], stops)
-        end = stop or end
-        r.tokens += row[:end]
-        r.mask += [1] * end
-        r.sampler_logp += logp[i][:end] if want_logp else [0.0] * end
-        segment = tokenizer.decode(row[:end])
-        if stop is None or "</answer>" in segment or row[end - 1:end] == [tokenizer.eos_token_id]:
-            r.done = True
-            r.truncated = stop is None and tokenizer.eos_token_id not in row[:end]
-        yield r, segment
+def sample(model, seqs, budgets, sampling, eos_id, pad_id, texts, tails):
+    """Continue every token list in `seqs` with a KV cache, sampling from exactly softmax(z / tau)
+    (top-p only when asked; argmax when greedy). Nothing comes from the model's own
+    generation_config (a repetition penalty there would make the sampler differ from pi_old).
+
+    Row i ends at EOS (kept: the model chose it), at a stop string ending in its new text
+    (`tails[i]` is the text before, so a stop that spans a branch's fork is found), or after
+    budgets[i] tokens. Finished rows leave the batch. Returns per row (tokens, logp, entropy, end):
+    logp = log softmax(z / tau)[y_t] (pi_old of the loss), entropy = H_t (Eq. 3), end = "eos",
+    "length" or the stop string.
+    """
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    lens = torch.tensor([len(s) for s in seqs], device=device)
+    width = int(lens.max())
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)  # (b, L) left-padded
+    attn = (torch.arange(width, device=device)[None] >= width - lens[:, None]).long()  # (b, L)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)                                           # RoPE skips pads
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1].float()             # (b, V)
+    next_pos, live = lens.clone(), list(range(len(seqs)))
+    out = [([], [], [], "length") for _ in seqs]
+    tails = list(tails)
+    for _ in range(max(budgets)):
+        logp_all = (logits / sampling.temperature).log_softmax(-1)                      # (b', V)
+        if sampling.greedy:
+            tok = logits.argmax(-1)                                                     # (b',)
+        else:
+            tok = torch.multinomial(top_p_filter(logp_all.exp(), sampling.top_p), 1)[:, 0]
+        logp = logp_all.gather(-1, tok[:, None])[:, 0]                                 # (b',)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)                                  # (b',) Eq. 3
+        keep = []
+        for j, (i, t, lp, h) in enumerate(zip(live, tok.tolist(), logp.tolist(), entropy.tolist())):
+            toks, lps, ents, _ = out[i]
+            toks.append(t), lps.append(lp), ents.append(h)
+            piece = texts[t] if t < len(texts) else ""
+            end = "eos" if t == eos_id else find_stop(tails[i], piece)
+            if end is None and len(toks) >= budgets[i]:
+                end = "length"
+            if end is None:
+                tails[i] = (tails[i] + piece)[-32:]
+                keep.append(j)
+            else:
+                out[i] = (toks, lps, ents, end)
+        if not keep:
+            break
+        if len(keep) < len(live):                                # finished rows leave the batch
+            idx = torch.tensor(keep, device=device)
+            cache.batch_select_indices(idx)
+            attn, tok, next_pos, live = attn[idx], tok[idx], next_pos[idx], [live[j] for j in keep]
+        attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
+        logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1].float()
+        next_pos = next_pos + 1
+    return out
 
 
-def generate_rollouts(model, tokenizer, rollouts, cfg, search, greedy=False):
-    """The tool loop (spec section 1), batched: generate, run the tool calls concurrently, append
-    their results as masked tokens (m_t = 0), resume; until every rollout is done."""
-    want_logp = cfg.omega_anchor == "sampler" and not greedy
+def ends_with_call(r, texts):
+    """True when the response's last sampled text already closes a tool call (a branch can keep
+    the token that completes `</python>`): the call runs before anything is sampled."""
+    tail = tail_text(r.tokens, texts).rstrip()
+    return bool(r.tokens) and r.mask[-1] == 1 and tail.endswith(tools.STOP_STRINGS)
+
+
+def generate_rollouts(model, tokenizer, rollouts, sampling, run_tools):
+    """The tool loop (spec section 1), batched: sample until a closing tool tag, </answer>, EOS or
+    the budget; run the calls concurrently (`run_tools([(name, payload, python_history), ...])`);
+    append their results as masked tokens (m_t = 0); resume; until every rollout is done."""
+    texts = token_texts(tokenizer)
     while live := [r for r in rollouts if not r.done]:
-        pending = []                                                 # rollouts waiting on a tool
-        for start in range(0, len(live), cfg.gen_batch_size):
-            for r, segment in generate_segment(model, tokenizer, live[start:start + cfg.gen_batch_size],
-                                               cfg, greedy, want_logp):
-                if not r.done:   # parse the whole response: a branch may fork inside a call's payload
-                    pending.append((r, tools.parse_tool_call(tokenizer.decode(r.tokens, skip_special_tokens=True))))
+        waiting = [r for r in live if ends_with_call(r, texts)]
+        todo = [r for r in live if not ends_with_call(r, texts)]
+        for start in range(0, len(todo), sampling.batch_size):
+            chunk = todo[start:start + sampling.batch_size]
+            results = sample(model, [r.prompt + r.tokens for r in chunk],
+                             [sampling.max_response_tokens - len(r.tokens) for r in chunk], sampling,
+                             tokenizer.eos_token_id, tokenizer.pad_token_id, texts,
+                             [tail_text(r.tokens, texts) for r in chunk])
+            for r, (toks, logp, entropy, end) in zip(chunk, results):
+                r.tokens += toks
+                r.mask += [1] * len(toks)
+                r.logp += logp
+                r.entropy += entropy
+                if end in tools.STOP_STRINGS:
+                    waiting.append(r)
+                else:                                                # eos, </answer> or length
+                    r.done, r.truncated = True, end == "length"
         batch = []
-        for r, call in pending:
+        for r in waiting:           # parse the whole response: a branch may fork inside a call
+            call = tools.parse_tool_call(tokenizer.decode(r.tokens, skip_special_tokens=True))
             if call is None:
                 batch.append(("error", "the text before </python> or </search> is not a tool call", ()))
-            elif len(r.calls) >= cfg.max_tool_calls:
-                batch.append(("error", f"tool-call limit ({cfg.max_tool_calls}) reached; give your answer", ()))
+            elif len(r.calls) >= sampling.max_tool_calls:
+                batch.append(("error", f"tool-call limit ({sampling.max_tool_calls}) reached; give your answer", ()))
             else:
-                history = [p for n, p, _ in r.calls if n == "python"]
-                batch.append((call[0], call[1], history))
-        results = tools.run_tool_calls(batch, search=search, timeout=cfg.tool_timeout)
-        for (r, _), (name, payload, _), result in zip(pending, batch, results):
+                batch.append((call[0], call[1], [p for n, p, _ in r.calls if n == "python"]))
+        for r, (name, payload, _), result in zip(waiting, batch, run_tools(batch)):
             ids = tokenizer(tools.format_result(result), add_special_tokens=False)["input_ids"]
-            room = cfg.max_response_tokens - len(r.tokens)
+            room = sampling.max_response_tokens - len(r.tokens)
             r.tokens += ids[:room]
             r.mask += [0] * len(ids[:room])
-            r.sampler_logp += [0.0] * len(ids[:room])
+            r.logp += [0.0] * len(ids[:room])
+            r.entropy += [0.0] * len(ids[:room])
             if name != "error":
                 r.calls.append((name, payload, len(r.tokens)))
             if len(ids) >= room:                                     # cut inside a tool result
@@ -731,10 +916,10 @@ def generate_rollouts(model, tokenizer, rollouts, cfg, search, greedy=False):
     return rollouts
 
 
-def run_agent(model, tokenizer, prompts, cfg, search, *, greedy=False):
+def run_agent(model, tokenizer, prompts, sampling, run_tools):
     """Answer each prompt (token ids) once with the tool loop. Used by evaluation and eval.py."""
     rollouts = [Rollout(example=i, prompt=list(p), root=i) for i, p in enumerate(prompts)]
-    return generate_rollouts(model, tokenizer, rollouts, cfg, search, greedy=greedy)
+    return generate_rollouts(model, tokenizer, rollouts, sampling, run_tools)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,69 +939,107 @@ def pad_batch(rollouts, pad_id, device):
     return as_tensor(ids, torch.long), as_tensor(attn, torch.long), as_tensor(mask, torch.float), P
 
 
-def response_logprobs(model, rollouts, temperature, pad_id, with_entropy=False):
+def _chunk_logp(hidden, targets, head, temperature, with_entropy):
+    """log softmax(head(hidden) / tau)[targets] (and H) for one chunk: (b, c, d) -> (b, c)."""
+    logits = head(hidden).float() / temperature                                # (b, c, V)
+    logz = logits.logsumexp(-1)                                                # (b, c)
+    logp = logits.gather(-1, targets[..., None])[..., 0] - logz                # (b, c)
+    if not with_entropy:
+        return logp, None
+    return logp, logz - (logits.softmax(-1) * logits).sum(-1)                  # H = log Z - E_p[z]
+
+
+def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_entropy=False):
     """log pi(y_t | s_t) at temperature tau for every response token -> (logp, entropy, mask),
-    each (b, T). Gradients flow through logp when called with grad enabled."""
-    ids, attn, mask, P = pad_batch(rollouts, pad_id, model.device)
-    T = mask.shape[1]
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)                                  # RoPE positions skip left pads
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                   logits_to_keep=T + 1).logits[:, :-1].float() / temperature  # (b, T, V): predicts y_t
-    logp = logits.log_softmax(-1).gather(-1, ids[:, P:, None])[..., 0]        # (b, T)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = entropy_from_logits(logits)                             # (b, T), Eq. 3
-    return logp, entropy, mask
+    each (b, T); entropy (Eq. 3) only when asked, without gradient.
+
+    Memory: the vocabulary-sized logits are built from the final hidden states `chunk` tokens
+    (rows x positions) at a time, and with gradients on each chunk is recomputed in the
+    backward pass (checkpointing), so one chunk's float32 logits exist at a time instead of
+    several (b, T, V) copies. Models that post-process their logits (soft-capping, scaling)
+    take the plain full-logits path.
+    """
+    device = next(model.parameters()).device
+    ids, attn, mask, P = pad_batch(rollouts, pad_id, device)
+    b, T = mask.shape
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)                                 # RoPE positions skip left pads
+    if any(getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                       logits_to_keep=T + 1).logits[:, :-1].float() / temperature
+        logp = logits.log_softmax(-1).gather(-1, ids[:, P:, None])[..., 0]
+        return logp, entropy_from_logits(logits.detach()) if with_entropy else None, mask
+    hidden = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                              use_cache=False).last_hidden_state[:, P - 1:-1]  # (b, T, d): predicts y_t
+    head, targets, step = model.get_output_embeddings(), ids[:, P:], max(1, chunk // b)
+    logps, ents = [], []
+    for s in range(0, T, step):
+        args = (hidden[:, s:s + step], targets[:, s:s + step], head, temperature, with_entropy)
+        if torch.is_grad_enabled():
+            lp, h = torch.utils.checkpoint.checkpoint(_chunk_logp, *args, use_reentrant=False)
+        else:
+            lp, h = _chunk_logp(*args)
+        logps.append(lp)
+        ents.append(h.detach() if with_entropy else None)
+    return torch.cat(logps, 1), torch.cat(ents, 1) if with_entropy else None, mask
 
 
 @torch.no_grad()
-def score_rollouts(model, rollouts, cfg, pad_id, with_entropy=False):
-    """Per-rollout log-probs (and entropies) under `model`, in micro-batches, as CPU lists."""
-    logps, ents = [], []
-    for i in range(0, len(rollouts), cfg.micro_batch_size):
-        chunk = rollouts[i:i + cfg.micro_batch_size]
-        logp, ent, _ = response_logprobs(model, chunk, cfg.temperature, pad_id, with_entropy)
-        for j, r in enumerate(chunk):
-            logps.append(logp[j, :len(r.tokens)].cpu())
-            ents.append(ent[j, :len(r.tokens)].cpu() if with_entropy else None)
-    return logps, ents
+def score_rollouts(model, rollouts, temperature, pad_id, micro_batch, chunk):
+    """log pi(y_t) of each rollout under `model`, in micro-batches -> list of 1-D CPU tensors."""
+    out = []
+    for i in range(0, len(rollouts), micro_batch):
+        part = rollouts[i:i + micro_batch]
+        logp, _, _ = response_logprobs(model, part, temperature, pad_id, chunk)
+        out += [logp[j, :len(r.tokens)].float().cpu() for j, r in enumerate(part)]
+    return out
 
 
 def stack_rows(rows, T=None):
     """List of 1-D tensors -> right-padded (b, T) tensor."""
     T = T or max(max(len(x) for x in rows), 1)
-    return torch.stack([F.pad(x.float(), (0, T - len(x))) for x in rows])
+    return torch.stack([F.pad(torch.as_tensor(x).float(), (0, T - len(x))) for x in rows])
 
 
 # ---------------------------------------------------------------------------------------------
 # The rollout tree (spec section 2): N rollouts, branch at the top-B points, until M per prompt
 # ---------------------------------------------------------------------------------------------
-def branch_from(parent, index, t):
-    """A new rollout that keeps y_<t of `parent` (tool results and python state included) and will
-    re-sample y_t onward. Decision: the reference code keeps y_t; H_t is the uncertainty of y_t."""
+def branch_from(parent, index, t, keep_token=True):
+    """A branch of `parent` (rollout `index`) at position t, spec section 2 step 4.
+
+    keep_token (default, the revised rule): keep y_<=t and re-sample from y_{t+1}; the branches
+    then estimate the value of having chosen y_t, and Eq. 6 gives y_t their credit. A tool
+    result right after y_t is kept too (the same call gives the same result), so the first
+    re-sampled token is always one the model writes. keep_token=False: keep y_<t, re-sample y_t.
+    The branch's python state is the calls in its prefix. `fork` = first re-sampled position.
+    """
+    fork = t + 1 if keep_token else t
+    while keep_token and fork < len(parent.tokens) and not parent.mask[fork]:
+        fork += 1
     return Rollout(
-        example=parent.example, prompt=parent.prompt, tokens=parent.tokens[:t], mask=parent.mask[:t],
-        sampler_logp=parent.sampler_logp[:t], calls=[c for c in parent.calls if c[2] <= t],
-        parent=index, root=parent.root, fork=t,
-        root_fork=t if parent.parent < 0 else parent.root_fork)
+        example=parent.example, prompt=parent.prompt, tokens=parent.tokens[:fork], mask=parent.mask[:fork],
+        logp=parent.logp[:fork], entropy=parent.entropy[:fork],
+        calls=[c for c in parent.calls if c[2] <= fork], parent=index, root=parent.root, fork=fork,
+        root_fork=fork if parent.parent < 0 else parent.root_fork)
 
 
-def candidate_mask(rollouts, content_ids, algo):
-    """Where a branch may start (spec section 2): sampled tokens (m_t = 1) that are not whitespace
-    or punctuation and not the last token, after the rollout's own fork. ARPO: only the first
+def candidate_mask(rollouts, content_ids, keep_token=True, after_tool_only=False):
+    """Where a branch may fork (spec section 2): sampled tokens (m_t = 1) that are not whitespace
+    or punctuation, before the rollout's last sampled token (something must be left to re-sample),
+    and in a branch only among its own new tokens. after_tool_only (ARPO): only the first
     sampled token after each tool result."""
     rows = []
     for r in rollouts:
         m = torch.tensor(r.mask, dtype=torch.bool)
-        ok = m & content_ids[torch.tensor(r.tokens, dtype=torch.long)] if r.tokens else m
-        if algo == "arpo":
-            after_tool = torch.zeros_like(m)
-            after_tool[1:] = m[1:] & ~m[:-1]
-            ok = after_tool
-        if len(ok):
-            ok[-1] = False
-        ok[:r.fork + 1 if r.parent >= 0 else 0] = False
+        tok = torch.tensor(r.tokens, dtype=torch.long)
+        known = tok < len(content_ids)                           # a model vocab can exceed the tokenizer's
+        ok = m & known & content_ids[tok.clamp(max=len(content_ids) - 1)]
+        if after_tool_only:
+            ok = torch.zeros_like(m)
+            ok[1:] = m[1:] & ~m[:-1]
+        sampled = m.nonzero()
+        ok[int(sampled[-1]) if len(sampled) else 0:] = False
+        if r.parent >= 0:
+            ok[:r.fork + (0 if keep_token else 1)] = False
         rows.append(ok)
     return stack_rows(rows).bool()
 
@@ -829,35 +1052,57 @@ def per_prompt(rollouts, n_prompts):
     return count
 
 
-def expand_tree(model, anchor, tokenizer, prompts, cfg, search, content_ids, stats):
+@contextlib.contextmanager
+def on_device(model, device):
+    """Move a frozen copy (the Eq. 4 anchor, the KL reference) to `device` for the block and back
+    to the CPU after, so it takes accelerator memory only while it is used."""
+    if model is None or device.type == "cpu":
+        yield model
+        return
+    model.to(device)
+    try:
+        yield model
+    finally:
+        model.to("cpu")
+
+
+def expand_tree(model, anchor, tokenizer, prompts, cfg, run_tools, content_ids):
     """All rollouts of one RL step: N per prompt, then rounds of branching until M per prompt.
-    Returns the rollouts (initial ones first); fills `stats` with branching metrics."""
+    Returns (rollouts with the initial ones first, branching statistics)."""
+    sampling = sampling_of(cfg)
+    device = next(model.parameters()).device
+    arpo = cfg.algo == "arpo"
+    keep = cfg.keep_branch_token and not arpo              # ARPO re-samples at the tool boundary
     n_init = cfg.group_size if cfg.algo == "grpo" else cfg.n_initial
     rollouts = [Rollout(example=i, prompt=p) for i, p in enumerate(prompts) for _ in range(n_init)]
     for i, r in enumerate(rollouts):
         r.root = i
-    generate_rollouts(model, tokenizer, rollouts, cfg, search)
+    generate_rollouts(model, tokenizer, rollouts, sampling, run_tools)
     frontier = list(range(len(rollouts)))
-    rule = "entropy" if cfg.algo == "arpo" else cfg.branch_score
-    stats.update({"branch/omega_degenerate": 0, "branch/scored": 0, "branch/rounds": 0})
-    while frontier:
+    rule = "entropy" if arpo else cfg.branch_score
+    stats = {"branch/omega_degenerate": 0, "branch/scored": 0, "branch/rounds": 0}
+    while frontier and cfg.algo != "grpo":
         count = per_prompt(rollouts, len(prompts))
         frontier = [i for i in frontier if count[rollouts[i].example] < cfg.group_size]
         if not frontier:
             break
-        ##### branching score (Eqs. 3-5) on the newest rollouts #####
+        ##### branching score (Eqs. 3-5) on the newest rollouts; H_t and log pi come from the sampler #####
         rows = [rollouts[i] for i in frontier]
-        logp, ent = score_rollouts(model, rows, cfg, tokenizer.pad_token_id, with_entropy=True)
-        if cfg.omega_anchor == "sampler":
-            anchor_logp = [torch.tensor(r.sampler_logp) for r in rows]
+        score = lambda m: score_rollouts(m, rows, cfg.temperature, tokenizer.pad_token_id,
+                                         cfg.micro_batch_size, cfg.logit_chunk)
+        if rule != "bs":
+            logp = anchor_logp = [torch.tensor(r.logp) for r in rows]       # Omega unused
+        elif cfg.omega_anchor == "sampler":
+            logp, anchor_logp = score(model), [torch.tensor(r.logp) for r in rows]
         else:
-            anchor_logp, _ = score_rollouts(anchor, rows, cfg, tokenizer.pad_token_id)
-        mask = stack_rows([torch.tensor(r.mask) for r in rows])
+            with on_device(anchor, device):
+                logp, anchor_logp = [torch.tensor(r.logp) for r in rows], score(anchor)
+        mask = stack_rows([r.mask for r in rows])
         omega = future_values(stack_rows(logp), stack_rows(anchor_logp), mask, half_life=cfg.half_life)
-        cands = candidate_mask(rows, content_ids, cfg.algo)
+        cands = candidate_mask(rows, content_ids, keep, after_tool_only=arpo)
         points, priority, degenerate = select_branch_points(
-            stack_rows(ent), omega, cands, cfg.branch_points, rule=rule)
-        stats["branch/omega_degenerate"] += int(degenerate.sum()) if rule == "bs" else 0
+            stack_rows([r.entropy for r in rows]), omega, cands, cfg.branch_points, rule=rule)
+        stats["branch/omega_degenerate"] += int(degenerate.sum())
         stats["branch/scored"] += int(cands.any(-1).sum())                    # rows that could branch
         stats["branch/rounds"] += 1
         ##### keep the globally best points where a round would overshoot M #####
@@ -869,21 +1114,28 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, search, content_ids, sta
         for ex, cand in by_prompt.items():
             cand.sort(key=lambda c: -c[0])
             for _, i, t in cand[:cfg.group_size - count[ex]]:
-                new.append(branch_from(rollouts[i], i, t))
+                new.append(branch_from(rollouts[i], i, t, keep))
         if not new:
             break
-        generate_rollouts(model, tokenizer, new, cfg, search)
+        generate_rollouts(model, tokenizer, new, sampling, run_tools)
         frontier = list(range(len(rollouts), len(rollouts) + len(new)))
         rollouts += new
-    if cfg.algo == "arpo":   # Decision: ARPO's shortfall (rollouts without tool calls) -> fresh rollouts
+    if arpo:   # Decision: ARPO's shortfall (rollouts without tool calls) -> fresh rollouts
         count = per_prompt(rollouts, len(prompts))
         extra = [Rollout(example=e, prompt=prompts[e]) for e in range(len(prompts))
                  for _ in range(cfg.group_size - count[e])]
         for j, r in enumerate(extra):
             r.root = len(rollouts) + j
-        generate_rollouts(model, tokenizer, extra, cfg, search)
+        generate_rollouts(model, tokenizer, extra, sampling, run_tools)
         rollouts += extra
-    return rollouts
+    return rollouts, stats
+
+
+def sampling_of(cfg, greedy=False):
+    """The agent loop's settings out of a training Config."""
+    return Sampling(temperature=cfg.temperature, top_p=cfg.top_p, greedy=greedy,
+                    max_response_tokens=cfg.max_response_tokens, max_tool_calls=cfg.max_tool_calls,
+                    batch_size=cfg.gen_batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -908,14 +1160,17 @@ def rollout_advantages(rollouts, cfg):
     return train, [per_token[i, :len(r.tokens)] for i, r in enumerate(train)]
 
 
-def ppo_update(model, optimizer, train, advs, old_logps, ref_logps, cfg, pad_id):
+def ppo_update(model, optimizer, train, advs, ref_logps, cfg, pad_id):
     """PPO mini-batches over prompts, micro-batches for memory; one optimizer step per mini-batch.
+    pi_old is the sampler's log-probs (same weights, nothing recomputed). Forward passes run
+    under autocast when cfg.dtype asks for bf16; weights and optimizer state stay float32.
     A non-finite loss or gradient skips that optimizer step and is counted."""
     b = cfg.future_weight if cfg.algo == "appo" else 0.0                       # Eq. 7 is APPO's
+    device = next(model.parameters()).device
     by_prompt = {}
     for i, r in enumerate(train):
         by_prompt.setdefault(r.example, []).append(i)
-    sums, n_rows, skipped, updates = {}, 0, 0, 0
+    sums, n_rows, skipped, updates, norms = {}, 0, 0, 0, []
     for _ in range(cfg.ppo_epochs):
         order = list(by_prompt)
         random.shuffle(order)
@@ -925,19 +1180,20 @@ def ppo_update(model, optimizer, train, advs, old_logps, ref_logps, cfg, pad_id)
             finite = True
             for m0 in range(0, len(idx), cfg.micro_batch_size):
                 micro = idx[m0:m0 + cfg.micro_batch_size]
-                logp, ent, mask = response_logprobs(model, [train[i] for i in micro], cfg.temperature,
-                                                    pad_id, with_entropy=True)
+                with autocast(device, cfg.dtype):
+                    logp, _, mask = response_logprobs(model, [train[i] for i in micro], cfg.temperature,
+                                                      pad_id, cfg.logit_chunk)
                 T = logp.shape[1]
-                row = lambda xs: stack_rows([xs[i] for i in micro], T).to(logp.device)
+                row = lambda xs: stack_rows([xs[i] for i in micro], T).to(device)
                 loss, metrics = appo_policy_loss(
-                    logp, row(old_logps), row(advs), mask, half_life=cfg.half_life, future_weight=b,
-                    clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-                    ref_logp=row(ref_logps) if ref_logps else None, kl_coef=cfg.kl_coef)
+                    logp, row([r.logp for r in train]), row(advs), mask, half_life=cfg.half_life,
+                    future_weight=b, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                    dual_clip=cfg.dual_clip, ref_logp=row(ref_logps) if ref_logps else None,
+                    kl_coef=cfg.kl_coef)
                 if not torch.isfinite(loss):
                     finite = False
                     break
                 (loss * len(micro) / len(idx)).backward()                      # Eq. 8: mean over rollouts
-                metrics["entropy"] = float((ent * mask).sum() / mask.sum().clamp(min=1))
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v * len(micro)
                 n_rows += len(micro)
@@ -947,9 +1203,12 @@ def ppo_update(model, optimizer, train, advs, old_logps, ref_logps, cfg, pad_id)
                 skipped += 1
                 continue
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)                              # no gradients held between steps
             updates += 1
-    out = {k: v / max(n_rows, 1) for k, v in sums.items()}
-    out.update({"update/skipped_nonfinite": skipped, "update/optimizer_steps": updates})
+            norms.append(float(grad_norm))
+    out = {f"loss/{k}": v / max(n_rows, 1) for k, v in sums.items()}
+    out.update({"update/skipped_nonfinite": skipped, "update/optimizer_steps": updates,
+                "update/grad_norm": sum(norms) / len(norms) if norms else 0.0})
     return out
 
 
@@ -1123,11 +1382,6 @@ def build_toy(cfg):
 # ---------------------------------------------------------------------------------------------
 # Infrastructure: data, models, checkpoints, logging (kept out of the math)
 # ---------------------------------------------------------------------------------------------
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def write_jsonl(path, rows):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -1150,18 +1404,37 @@ def pick_device(name):
     return torch.device("cpu")
 
 
+def compute_dtype(name, device):
+    """--dtype -> the dtype forward passes run in (weights stay float32)."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def autocast(device, name):
+    """Forward passes in bf16 over float32 master weights (a no-op context for float32)."""
+    dtype = compute_dtype(name, device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def load_model(name_or_path, cfg):
-    """Any Hugging Face causal LM -> (model, tokenizer) on cfg.device; bf16 on GPU by default."""
+    """Any Hugging Face causal LM -> (model, tokenizer) on cfg.device, weights in float32 (the
+    master weights AdamW updates; cfg.dtype only sets the autocast dtype of forward passes).
+    A model or tokenizer that cannot be loaded stops with one line (exit code 2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     device = pick_device(cfg.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32).to(device)
+    except (OSError, ValueError) as e:
+        stop("appo.py", f"cannot load model {name_or_path!r}: {str(e).strip().splitlines()[0]}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = True      # generation still uses the KV cache
@@ -1177,28 +1450,64 @@ def make_search(cfg):
                         cache=cfg.search_cache or None, topk=cfg.search_topk)
 
 
+class DataError(ValueError):
+    """A data row a user must fix; the message starts with `file:line`."""
+
+
+def read_jsonl(path, numbered=False):
+    """JSON Lines -> list of objects (or (line number, object) pairs); bad JSON -> DataError."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return rows if numbered else [row for _, row in rows]
+
+
 def load_examples(path):
-    """verl parquet or JSONL -> [{question, answer: [aliases], kind, messages?}] via `datasets`."""
-    from datasets import load_dataset
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    fmt = "parquet" if path.endswith(".parquet") else "json"
-    rows = load_dataset(fmt, data_files=path, split="train")
+    """verl parquet or JSONL -> [{question, answer: [aliases], kind, messages}], every row checked.
+
+    verl rows: chat `prompt`, `reward_model.ground_truth`, `ability` (math -> math, else qa).
+    JSONL rows: `question`, `answer` (string, number or list of aliases), optional `kind` math|qa.
+    A bad row raises DataError naming the file and line (parquet: row) before any work starts.
+    """
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq                            # ships with `datasets`
+        rows = list(enumerate(pq.read_table(path).to_pylist(), 1))
+    else:
+        rows = read_jsonl(path, numbered=True)
     out = []
-    for i, row in enumerate(rows):
+    for n, row in rows:
+        where = f"{path}:{n}" if not path.endswith(".parquet") else f"{path}: row {n}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
         if "prompt" in row and "reward_model" in row:                 # verl format
-            messages = [{"role": m["role"], "content": m["content"].replace("\x08", "\\b")}
-                        for m in row["prompt"]]                        # the paper's prompt has \b -> backspace
-            gold = row["reward_model"]["ground_truth"]
+            try:
+                messages = [{"role": m["role"], "content": m["content"].replace("\x08", "\\b")}
+                            for m in row["prompt"]]                    # the paper's prompt has \b -> backspace
+                gold = row["reward_model"]["ground_truth"]
+            except (KeyError, TypeError, AttributeError) as e:
+                raise DataError(f"{where}: malformed verl row ({e!r})") from None
             question = (row.get("extra_info") or {}).get("question") or messages[-1]["content"]
             kind = "math" if row.get("ability") == "math" else "qa"
         elif "question" in row and "answer" in row:
             messages, gold, question = None, row["answer"], row["question"]
             kind = row.get("kind") or "qa"
         else:
-            raise ValueError(f"{path}: row {i + 1} has neither verl fields nor question/answer")
+            raise DataError(f"{where}: needs `question` and `answer` (or verl `prompt` and `reward_model`)")
+        if kind not in ("math", "qa"):
+            raise DataError(f"{where}: kind must be 'math' or 'qa', got {kind!r}")
+        if not isinstance(question, str) or not question.strip():
+            raise DataError(f"{where}: the question must be a non-empty string")
         golds = [str(g) for g in gold] if isinstance(gold, (list, tuple)) else [str(gold)]
+        if gold is None or not golds or not all(g.strip() for g in golds):
+            raise DataError(f"{where}: the answer must be a non-empty string, number or list of them")
         out.append({"question": question, "answer": golds, "kind": kind, "messages": messages})
+    if not out:
+        raise DataError(f"{path}: no rows")
     return out
 
 
@@ -1207,12 +1516,9 @@ def example_prompt(tokenizer, ex, cfg):
 
 
 def content_token_mask(tokenizer):
-    """(V,) bool: tokens with a letter or digit in them (whitespace/punctuation cannot branch)."""
-    vocab = len(tokenizer)
-    ok = torch.zeros(max(vocab, tokenizer.vocab_size), dtype=torch.bool)
-    for i in range(vocab):
-        ok[i] = any(ch.isalnum() for ch in tokenizer.decode([i]))
-    return ok
+    """(len(tokenizer),) bool: tokens with a letter or digit in them (whitespace and punctuation
+    cannot branch). Ids beyond the tokenizer (a model vocab padded past it) count as False."""
+    return torch.tensor([any(ch.isalnum() for ch in t) for t in token_texts(tokenizer)], dtype=torch.bool)
 
 
 def save_hf(model, tokenizer, path, extra=None):
@@ -1248,21 +1554,44 @@ def seed_everything(seed):
         pass
 
 
-def evaluate(model, tokenizer, examples, cfg, search, desc="eval"):
+def evaluate(model, tokenizer, examples, cfg, run_tools, desc="eval"):
     """Greedy pass@1 of the tool agent on `examples` -> (mean score, mean tool calls)."""
     model.eval()
     scores, calls = [], []
     bar = progress(total=len(examples), desc=desc)
+    sampling, device = sampling_of(cfg, greedy=True), next(model.parameters()).device
     for i in range(0, len(examples), cfg.gen_batch_size):
         chunk = examples[i:i + cfg.gen_batch_size]
-        rollouts = run_agent(model, tokenizer, [example_prompt(tokenizer, e, cfg) for e in chunk], cfg,
-                             search, greedy=True)
+        with autocast(device, cfg.dtype):
+            rollouts = run_agent(model, tokenizer, [example_prompt(tokenizer, e, cfg) for e in chunk],
+                                 sampling, run_tools)
         for e, r in zip(chunk, rollouts):
             scores.append(compute_reward(r.text, e["answer"], e["kind"])["score"])
             calls.append(r.tool_calls)
         bar.update(len(chunk))
     bar.close()
     return sum(scores) / max(len(scores), 1), sum(calls) / max(len(calls), 1)
+
+
+def frozen_copy(model):
+    """A gradient-free copy of the policy kept on the CPU (moved to the accelerator only to score)."""
+    twin = copy.deepcopy(model).to("cpu").eval()
+    twin.requires_grad_(False)
+    return twin
+
+
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1272,25 +1601,26 @@ def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     t_start = time.time()
     seed_everything(cfg.seed)
+    try:                                                        # every data row checked before any work
+        train = load_examples(cfg.train_data) if cfg.train_data else None
+        test = load_examples(cfg.test_data) if cfg.test_data else None
+    except DataError as e:
+        stop("appo.py", str(e))
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if cfg.model:
-        model_path, train = cfg.model, load_examples(cfg.train_data) if cfg.train_data else None
-        test = load_examples(cfg.test_data) if cfg.test_data else []
-        if not train:
-            sys.exit("appo.py: --train_data is needed with --model")
-    else:                                                       # embedded default: the toy world
-        model_path, train, test = build_toy(cfg)
-    test = test[:cfg.eval_limit] if cfg.eval_limit else test
+    model_path = cfg.model
+    if not cfg.model:                                           # embedded default: the toy world
+        model_path, toy_train, toy_test = build_toy(cfg)
+        train, test = train or toy_train, test or toy_test
+    test = (test or [])[:cfg.eval_limit] if cfg.eval_limit else (test or [])
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
     ckpt = find_checkpoint(ckpt_dir) if cfg.resume else None
     model, tokenizer = load_model(ckpt or model_path, cfg)
-    search = make_search(cfg)
+    device = next(model.parameters()).device
+    run_tools = functools.partial(tools.run_tool_calls, search=make_search(cfg), timeout=cfg.tool_timeout)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
-    anchor = copy.deepcopy(model) if cfg.omega_anchor != "sampler" else None   # pi_anchor of Eq. 4
-    ref = load_model(model_path, cfg)[0] if cfg.kl_coef > 0 else None
-    if cfg.omega_anchor == "ref":                               # the initial weights, also after a resume
-        anchor = ref or load_model(model_path, cfg)[0]
+    ref = frozen_copy(load_model(model_path, cfg)[0]) if cfg.kl_coef > 0 or cfg.omega_anchor == "ref" else None
+    anchor = {"prev": frozen_copy(model), "ref": ref, "sampler": None}[cfg.omega_anchor]   # pi_anchor of Eq. 4
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     content_ids = content_token_mask(tokenizer)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -1301,22 +1631,20 @@ def main(argv=None):
         if state.get("anchor") is not None and cfg.omega_anchor == "prev":
             anchor.load_state_dict(state["anchor"])
         start, acc_before = state["step"], state["test_acc_before"]
-        random.setstate(state["rng_python"])
-        torch.set_rng_state(state["rng_torch"])
+        set_rng_state(state["rng"])
         kept = [m for m in read_jsonl(metrics_path) if m["step"] <= start] if os.path.exists(metrics_path) else []
         write_jsonl(metrics_path, kept)                         # drop steps logged after the checkpoint
         print(f"resumed from {ckpt} at step {start}")
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
     if acc_before is None and test:
-        acc_before, calls_before = evaluate(model, tokenizer, test, cfg, search, desc="eval before RL")
+        acc_before, calls_before = evaluate(model, tokenizer, test, cfg, run_tools, desc="eval before RL")
         print(f"held-out accuracy before RL: {acc_before:.3f} ({calls_before:.2f} tool calls/question)")
 
     def checkpoint(step):
         save_hf(model, tokenizer, ckpt_dir, extra={
             "step": step, "optimizer": optimizer.state_dict(), "test_acc_before": acc_before,
-            "anchor": anchor.state_dict() if cfg.omega_anchor == "prev" else None,
-            "rng_python": random.getstate(), "rng_torch": torch.get_rng_state()})
+            "anchor": anchor.state_dict() if cfg.omega_anchor == "prev" else None, "rng": rng_state()})
 
     for step in range(start + 1, cfg.steps + 1):
         order = random.Random(cfg.seed * 1_000_003 + step).sample(range(len(train)), min(cfg.prompts_per_step, len(train)))
@@ -1324,49 +1652,55 @@ def main(argv=None):
         prompts = [example_prompt(tokenizer, e, cfg) for e in batch]
         ##### rollout tree (spec section 2; Eqs. 3-5 choose the branch points) #####
         t0 = time.time()
-        stats = {}
         model.eval()
-        rollouts = expand_tree(model, anchor, tokenizer, prompts, cfg, search, content_ids, stats)
+        with autocast(device, cfg.dtype):
+            rollouts, stats = expand_tree(model, anchor, tokenizer, prompts, cfg, run_tools, content_ids)
         ##### reward #####
         for r in rollouts:
             res = compute_reward(r.text, batch[r.example]["answer"], batch[r.example]["kind"])
             r.reward, r.score, r.format_ok = res["reward"], res["score"], res["format_ok"]
         ##### advantages (Eq. 6) #####
         train_rows, advs = rollout_advantages(rollouts, cfg)
-        old_logps, _ = score_rollouts(model, train_rows, cfg, tokenizer.pad_token_id)      # pi_old
-        ref_logps = score_rollouts(ref, train_rows, cfg, tokenizer.pad_token_id)[0] if ref is not None and cfg.kl_coef > 0 else None
+        ref_logps = None
+        if cfg.kl_coef > 0:
+            with on_device(ref, device), autocast(device, cfg.dtype):
+                ref_logps = score_rollouts(ref, train_rows, cfg.temperature, tokenizer.pad_token_id,
+                                           cfg.micro_batch_size, cfg.logit_chunk)
         t1 = time.time()
         ##### update (Eqs. 7-8) #####
         if cfg.omega_anchor == "prev":                          # next step's anchor: weights before this update
             anchor.load_state_dict(model.state_dict())
         model.train()
-        upd = ppo_update(model, optimizer, train_rows, advs, old_logps, ref_logps, cfg, tokenizer.pad_token_id)
+        upd = ppo_update(model, optimizer, train_rows, advs, ref_logps, cfg, tokenizer.pad_token_id)
         model.eval()
         ##### log / checkpoint #####
         init = [r for r in rollouts if r.parent < 0]
         new_tokens = sum(sum(r.mask[r.fork:]) for r in rollouts)
         new_calls = sum(sum(1 for c in r.calls if c[2] > r.fork) for r in rollouts)
+        sampled = [h for r in rollouts for h, m in zip(r.entropy[r.fork:], r.mask[r.fork:]) if m]
         m = {"step": step, "reward/mean": sum(r.reward for r in rollouts) / len(rollouts),
              "acc/mean": sum(r.score for r in rollouts) / len(rollouts),
              "acc/initial": sum(r.score for r in init) / len(init),
              "format/bad_frac": sum(not r.format_ok for r in rollouts) / len(rollouts),
              "rollouts": len(rollouts), "branches": sum(r.parent >= 0 for r in rollouts),
              "tokens/generated": new_tokens, "tool_calls": new_calls,
+             "policy/entropy": sum(sampled) / max(len(sampled), 1),
              "time/rollout_s": t1 - t0, "time/update_s": time.time() - t1, **stats, **upd}
         with open(metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
         print(f"step {step}/{cfg.steps} reward {m['reward/mean']:+.3f} acc {m['acc/mean']:.3f} "
               f"bad {m['format/bad_frac']:.2f} rollouts {m['rollouts']} branches {m['branches']} "
-              f"degenerate {m['branch/omega_degenerate']} calls {new_calls} loss {m.get('loss', float('nan')):+.4f} "
-              f"clip {m.get('clipfrac', 0):.3f} kl {m.get('approx_kl', 0):.4f} "
-              f"t {m['time/rollout_s']:.1f}+{m['time/update_s']:.1f}s", flush=True)
+              f"degenerate {m['branch/omega_degenerate']} calls {new_calls} "
+              f"loss {m.get('loss/loss', float('nan')):+.4f} clip {m.get('loss/clipfrac', 0):.3f} "
+              f"kl {m.get('loss/approx_kl', 0):.4f} t {m['time/rollout_s']:.1f}+{m['time/update_s']:.1f}s",
+              flush=True)
         if step % cfg.save_every == 0 or step == cfg.steps:
             checkpoint(step)
     ##### final evaluation #####
     save_hf(model, tokenizer, os.path.join(cfg.out_dir, "final"))
     acc_after = calls_after = None
     if test:
-        acc_after, calls_after = evaluate(model, tokenizer, test, cfg, search, desc="eval after RL")
+        acc_after, calls_after = evaluate(model, tokenizer, test, cfg, run_tools, desc="eval after RL")
         print(f"held-out accuracy: before RL {acc_before:.3f}, after RL {acc_after:.3f} "
               f"({calls_after:.2f} tool calls/question)")
     summary = {"algo": cfg.algo, "steps": cfg.steps, "seed": cfg.seed, "test_acc_before": acc_before,

@@ -83,11 +83,12 @@ def die(message, code=1):
 
 
 def parse_args(argv):
-    """--key=value into EvalArgs; an unknown key exits with code 2 and the list of valid ones."""
-    from transformers import HfArgumentParser
-    args, rest = HfArgumentParser(EvalArgs).parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    if rest:
-        die(f"unknown setting(s) {' '.join(rest)}; valid: {', '.join(f.name for f in dataclasses.fields(EvalArgs))}", 2)
+    """--key=value into EvalArgs (appo.py's parser: --help lists the docstrings); a bad key or value
+    exits with code 2 and one line."""
+    from appo import parse_settings
+    args = parse_settings(EvalArgs, argv, "eval.py")
+    if args.n < 1 or args.limit < 0 or args.batch_size < 1:
+        die("--n and --batch_size must be >= 1, --limit >= 0", 2)
     if args.n > 1 and args.temperature <= 0:
         die("--n > 1 needs sampling, e.g. --temperature=0.6 --top_p=0.95", 2)
     return args
@@ -432,7 +433,8 @@ def agent_config(args, bench):
         with open(run_config) as f:
             saved = json.load(f)
         cfg = dataclasses.replace(cfg, **{k.name: saved[k.name] for k in dataclasses.fields(cfg) if k.name in saved})
-    cfg.device, cfg.seed, cfg.temperature, cfg.top_p = args.device, args.seed, args.temperature, args.top_p
+    cfg.device, cfg.seed, cfg.top_p = args.device, args.seed, args.top_p
+    cfg.temperature = args.temperature if args.temperature > 0 else 1.0     # greedy ignores it
     cfg.search_url, cfg.search_cache = args.search_url, args.search_cache
     cfg.system_prompt = args.system_prompt or cfg.system_prompt
     if bench is TOY:  # the toy run's own corpus and budgets unless overridden
@@ -448,14 +450,17 @@ def agent_config(args, bench):
 
 def make_generate(model, tokenizer, cfg, greedy):
     """generate_fn for evaluate(): appo's prompt, tools and agent loop; nothing re-implemented."""
+    import functools
     import appo
-    import torch
-    search = appo.make_search(cfg)
+    import tools
+    run_tools = functools.partial(tools.run_tool_calls, search=appo.make_search(cfg), timeout=cfg.tool_timeout)
+    sampling = appo.sampling_of(cfg, greedy=greedy)
+    device = next(model.parameters()).device
 
     def generate(questions, kinds):
         prompts = [appo.build_prompt(tokenizer, q, k, cfg.system_prompt) for q, k in zip(questions, kinds)]
-        with torch.no_grad():
-            return appo.run_agent(model, tokenizer, prompts, cfg, search, greedy=greedy)
+        with appo.autocast(device, cfg.dtype):
+            return appo.run_agent(model, tokenizer, prompts, sampling, run_tools)
     return generate
 
 

@@ -724,46 +724,60 @@ def test_reward_compute_reward():
 # ===============================================================================================
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRACE = "<python>print(6*7)</python> <result>\n42\n</result> <answer>\\boxed{42}</answer>"
+run_python = lambda calls: run_tool_calls(calls, timeout=2.0)            # the agent loop's tools, no search
 
 
 def tiny_cfg(**kw):
-    base = dict(device="cpu", max_response_tokens=48, gen_batch_size=16, micro_batch_size=8,
-                n_initial=2, branch_points=3, group_size=8, tool_timeout=1.0, omega_anchor="prev")
+    base = dict(device="cpu", max_response_tokens=160, gen_batch_size=16, micro_batch_size=8,
+                n_initial=2, branch_points=3, group_size=8, tool_timeout=2.0, omega_anchor="prev")
     base.update(kw)
     return appo.Config(**base)
 
 
-@pytest.fixture(scope="module")
-def memorized(tmp_path_factory):
-    """A 2-layer Llama that has memorised one tool-using trace, loaded back through from_pretrained."""
+def char_tokenizer(texts, pad="<|pad|>", eos="<|eos|>"):
+    """A byte-level tokenizer with no merges: every character is its own token, so `</python>`
+    is 9 tokens and a branch can fork inside it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    path = str(tmp_path_factory.mktemp("tiny"))
+    from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TRACE, "Question: what is 6*7?\n"] * 20, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|pad|>", "<|eos|>"],
+    specials = [pad] if pad == eos else [pad, eos]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=256 + len(specials), special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos)
+
+
+def memorise(path, pad="<|pad|>", eos="<|eos|>", extra_vocab=0, generation_config=None, steps=200,
+             answer=" <answer>\\boxed{42}</answer>"):
+    """A 2-layer Llama that has memorised one tool-using trace (then EOS), saved and loaded back
+    through appo.load_model. extra_vocab pads the model's vocab past the tokenizer (as Qwen2.5's)."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    tokenizer = char_tokenizer([TRACE, "Question: what is 6*7?\n"], pad, eos)
+    config = LlamaConfig(vocab_size=len(tokenizer) + extra_vocab, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    cfg = tiny_cfg()
-    model, tokenizer = appo.load_model(path, cfg)
+    if generation_config:
+        GenerationConfig(**generation_config).save_pretrained(path)
+    model, tokenizer = appo.load_model(path, tiny_cfg())
     prompt = appo.build_prompt(tokenizer, "what is 6*7?", "math", system_prompt="Use tools.")
     r = appo.Rollout(example=0, prompt=prompt)
     for text, is_result in [("<python>print(6*7)</python>", False), (" <result>\n42\n</result>", True),
-                            (" <answer>\\boxed{42}</answer>", False)]:
+                            (answer, False)]:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         r.tokens += ids
         r.mask += [0 if is_result else 1] * len(ids)
+    r.tokens.append(tokenizer.eos_token_id)
+    r.mask.append(1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
-    for _ in range(60):
+    for _ in range(steps):
         logp, _, mask = appo.response_logprobs(model, [r], 1.0, tokenizer.pad_token_id)
         loss = -(logp * mask).sum() / mask.sum()
         opt.zero_grad()
@@ -773,9 +787,19 @@ def memorized(tmp_path_factory):
     return model, tokenizer, prompt
 
 
+@pytest.fixture(scope="module")
+def memorized(tmp_path_factory):
+    return memorise(str(tmp_path_factory.mktemp("tiny")))
+
+
+def greedy(**kw):
+    return appo.Sampling(greedy=True, max_response_tokens=96, **kw)
+
+
 def test_core_agent_loop_runs_tool_and_masks_result(memorized):
     model, tokenizer, prompt = memorized
-    (r,) = appo.run_agent(model, tokenizer, [prompt], tiny_cfg(), None, greedy=True)
+    (r,) = appo.run_agent(model, tokenizer, [prompt], greedy(), run_python)
+    assert len(tokenizer("</python>", add_special_tokens=False)["input_ids"]) == 9   # one token per character
     assert r.text.startswith("<python>print(6*7)</python> <result>\n42\n</result>"), r.text
     assert r.calls == [("python", "print(6*7)", r.calls[0][2])] and r.done and not r.truncated
     result_ids = tokenizer(" <result>\n42\n</result>", add_special_tokens=False)["input_ids"]
@@ -786,72 +810,184 @@ def test_core_agent_loop_runs_tool_and_masks_result(memorized):
     assert appo.compute_reward(r.text, ["42"], "math")["reward"] == 1.0
 
 
-def test_core_branch_forked_inside_a_tool_call_runs_the_call(memorized):
+def test_core_find_stop_across_a_fork_and_any_split():
+    assert appo.find_stop("<python>x</pyth", "on>") == "</python>"       # the fork split the closing tag
+    assert appo.find_stop("", "</python>") == "</python>"
+    pieces, tail = list("<search>q</search>"), ""
+    for i, p in enumerate(pieces):                                        # one character per token
+        hit = appo.find_stop(tail, p)
+        tail += p
+        assert (hit is not None) == (i == len(pieces) - 1)
+    assert appo.find_stop("</python> <result>\n1\n</result>", " x") is None   # an old stop is not found again
+    assert appo.find_stop("<answer>\\boxed{1}</answ", "er>") == "</answer>"
+
+
+@pytest.mark.parametrize("cut", ["<python>print(6", "<python>print(6*7)</pyth", "<python>print(6*7)</python"])
+def test_core_branch_forked_inside_a_call_or_its_closing_tag_runs_the_call(memorized, cut):
+    """A branch that keeps y_t inside the payload or inside `</python>` must still stop at the
+    closing tag and run the call (it used to be marked truncated, reward -1)."""
     model, tokenizer, prompt = memorized
-    (parent,) = appo.run_agent(model, tokenizer, [prompt], tiny_cfg(), None, greedy=True)
-    inside = len(tokenizer("<python>print(6", add_special_tokens=False)["input_ids"])   # fork in the payload
-    branch = appo.branch_from(parent, 0, inside)
-    appo.generate_rollouts(model, tokenizer, [branch], tiny_cfg(), None, greedy=True)
+    (parent,) = appo.run_agent(model, tokenizer, [prompt], greedy(), run_python)
+    t = len(tokenizer(cut, add_special_tokens=False)["input_ids"]) - 1   # keep y_<=t, re-sample from t+1
+    branch = appo.branch_from(parent, 0, t, keep_token=True)
+    assert branch.fork == t + 1 and tokenizer.decode(branch.tokens) == cut
+    appo.generate_rollouts(model, tokenizer, [branch], greedy(), run_python)
     assert branch.calls[0][:2] == ("python", "print(6*7)") and "\n42\n" in branch.text, branch.text
+    assert not branch.truncated and appo.compute_reward(branch.text, ["42"], "math")["reward"] == 1.0
 
 
 def test_core_budget_cut_is_truncated_and_bad_format(memorized):
     model, tokenizer, prompt = memorized
-    (r,) = appo.run_agent(model, tokenizer, [prompt], tiny_cfg(max_response_tokens=5), None, greedy=True)
+    (r,) = appo.run_agent(model, tokenizer, [prompt], appo.Sampling(greedy=True, max_response_tokens=5), run_python)
     assert r.done and r.truncated and len(r.tokens) == 5
     assert appo.compute_reward(r.text, ["42"], "math")["reward"] == -1.0
 
 
-def test_core_branch_from_keeps_prefix_and_tool_state():
+def argmax_loop(model, ids, n):
+    """Reference greedy decoding: full forward passes, argmax of the raw logits, no cache."""
+    ids = list(ids)
+    for _ in range(n):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids
+
+
+def test_core_sampler_ignores_the_models_generation_config(tmp_path):
+    """A generation_config.json with a repetition penalty, top_k and do_sample must not change
+    what the agent samples: greedy = argmax of the logits, sampled log-probs = pi_old's."""
+    gen = {"repetition_penalty": 5.0, "top_k": 1, "do_sample": True, "temperature": 0.1}
+    model, tokenizer, prompt = memorise(str(tmp_path), generation_config=gen, steps=15)   # half-trained: not one-hot
+    assert model.generation_config.repetition_penalty == 5.0
+    (r,) = appo.run_agent(model, tokenizer, [prompt], appo.Sampling(greedy=True, max_response_tokens=12), run_python)
+    with torch.no_grad():
+        assert prompt + r.tokens == argmax_loop(model, prompt, len(r.tokens))
+    torch.manual_seed(0)
+    rs = appo.run_agent(model, tokenizer, [prompt] * 6, appo.Sampling(temperature=0.9, max_response_tokens=40), run_python)
+    with torch.no_grad():
+        logp, _, mask = appo.response_logprobs(model, rs, 0.9, tokenizer.pad_token_id)
+    sampled = appo.stack_rows([r.logp for r in rs], logp.shape[1])
+    assert mask.sum() > 60 and torch.allclose(sampled * mask, logp * mask, atol=1e-4)
+    repeats = [sum(a == b for a, b in zip(r.tokens, r.tokens[1:])) for r in rs]
+    assert sum(repeats) > 0                                              # a 5x repetition penalty would forbid most
+
+
+def test_core_pad_equals_eos_and_model_vocab_larger_than_tokenizer(tmp_path):
+    """SmolLM2-like (pad == EOS) and Qwen2.5-like (model vocab > tokenizer) setups: a sampled EOS
+    ends the turn normally, and the candidate mask takes any id the model can emit."""
+    model, tokenizer, prompt = memorise(str(tmp_path), pad="<|end|>", eos="<|end|>", extra_vocab=40,
+                                        answer=" it is 42")            # ends with EOS, no </answer> stop first
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert model.get_output_embeddings().weight.shape[0] == len(tokenizer) + 40
+    r, other = appo.run_agent(model, tokenizer, [prompt, prompt[1:]], greedy(), run_python)   # two widths: left pads
+    assert r.tokens[-1] == tokenizer.eos_token_id and r.done and not r.truncated, r.text
+    assert r.text.endswith("</result> it is 42") and r.calls
+    odd = appo.Rollout(example=0, prompt=prompt, tokens=[len(tokenizer) + 5, 3, 4], mask=[1, 1, 1])
+    assert appo.candidate_mask([odd], appo.content_token_mask(tokenizer))[0].tolist() == [False, False, False]
+
+
+def test_core_branch_from_keeps_the_token_and_tool_state():
     parent = appo.Rollout(example=3, prompt=[5, 6], tokens=list(range(30)), mask=[1] * 10 + [0] * 5 + [1] * 15,
-                          sampler_logp=[0.0] * 30, calls=[("python", "x = 1", 15), ("python", "y = 2", 25)],
+                          logp=[0.0] * 30, entropy=[0.0] * 30, calls=[("python", "x = 1", 15), ("python", "y = 2", 25)],
                           root=7)
-    b = appo.branch_from(parent, 7, 20)
-    assert b.tokens == list(range(20)) and b.mask == parent.mask[:20]    # y_<t kept, y_t re-sampled
+    b = appo.branch_from(parent, 7, 20)                                  # keep y_20, re-sample from y_21
+    assert b.tokens == list(range(21)) and b.mask == parent.mask[:21] and b.fork == 21
     assert b.calls == [("python", "x = 1", 15)]                          # python state of the prefix only
-    assert (b.parent, b.root, b.fork, b.root_fork, b.example) == (7, 7, 20, 20, 3)
+    assert (b.parent, b.root, b.root_fork, b.example) == (7, 7, 21, 3)
+    assert appo.branch_from(parent, 7, 9).fork == 15                     # the result after y_9 is kept too
+    assert appo.branch_from(parent, 7, 9).calls == [("python", "x = 1", 15)]
+    old = appo.branch_from(parent, 7, 20, keep_token=False)             # the ablation: re-sample y_20
+    assert old.tokens == list(range(20)) and old.fork == 20
     bb = appo.branch_from(b, 9, 26)                                      # a second-round branch
-    assert (bb.root, bb.fork, bb.root_fork) == (7, 26, 20)
+    assert (bb.root, bb.fork, bb.root_fork) == (7, 27, 21)
+
+
+def test_core_fork_token_gets_the_branches_credit():
+    """Eq. 6 with the revised rule: the token a branch kept (y_t) is shared with it, so it gets
+    (A_init + mean A_branch) / 2; with the old rule it kept only its own A_init."""
+    init = [appo.Rollout(example=0, prompt=[0], tokens=[1] * 6, mask=[1] * 6, logp=[0.0] * 6, entropy=[0.0] * 6,
+                         root=i, reward=r) for i, r in enumerate([1.0, 0.0])]
+    for keep in (True, False):
+        branches = [appo.branch_from(init[0], 0, 3, keep_token=keep) for _ in range(2)]
+        for b, reward in zip(branches, [1.0, -1.0]):
+            b.tokens += [2] * 3
+            b.mask += [1] * 3
+            b.reward = reward
+        _, adv = appo.rollout_advantages(init + branches, tiny_cfg(keep_branch_token=keep))
+        a_init = 0.5 / (0.5 + 1e-6)                                      # initial group {1, 0}
+        a_branch_mean = 0.0                                              # branch group {1, -1}: +-1, mean 0
+        fork_token = adv[0][3].item()
+        expected = (a_init + a_branch_mean) / 2 if keep else a_init
+        assert fork_token == pytest.approx(expected, abs=1e-5), (keep, adv[0])
+        assert adv[0][2].item() == pytest.approx((a_init + a_branch_mean) / 2, abs=1e-5)   # shared either way
 
 
 def test_core_candidate_mask_rules():
     content = torch.tensor([False, True, True, True, True, True])        # token 0 is punctuation
     r = appo.Rollout(example=0, prompt=[1], tokens=[1, 0, 2, 3, 4, 5, 1], mask=[1, 1, 1, 0, 0, 1, 1])
-    assert appo.candidate_mask([r], content, "appo")[0].tolist() == [True, False, True, False, False, True, False]
-    assert appo.candidate_mask([r], content, "arpo")[0].tolist() == [False, False, False, False, False, True, False]
-    b = appo.Rollout(example=0, prompt=[1], tokens=r.tokens, mask=r.mask, parent=0, fork=2)
-    assert appo.candidate_mask([b], content, "appo")[0].tolist() == [False, False, False, False, False, True, False]
+    assert appo.candidate_mask([r], content)[0].tolist() == [True, False, True, False, False, True, False]
+    assert appo.candidate_mask([r], content, after_tool_only=True)[0].tolist() == [False] * 5 + [True, False]
+    b = appo.Rollout(example=0, prompt=[1], tokens=r.tokens, mask=r.mask, parent=0, fork=5)
+    assert appo.candidate_mask([b], content)[0].tolist() == [False] * 5 + [True, False]   # its own y_fork
+    assert appo.candidate_mask([b], content, keep_token=False)[0].tolist() == [False] * 7
+
+
+def perturbed(model, scale=0.01, seed=1):
+    """A copy of `model` with noise on its weights: an anchor that differs from the policy."""
+    twin = appo.copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return twin
 
 
 @pytest.mark.parametrize("n_initial,branch_points,group_size", [(2, 3, 8), (2, 2, 8), (4, 1, 6)])
 def test_core_tree_has_exactly_m_rollouts_with_shared_prefixes(memorized, n_initial, branch_points, group_size):
     model, tokenizer, prompt = memorized
-    cfg = tiny_cfg(n_initial=n_initial, branch_points=branch_points, group_size=group_size, temperature=1.5)
-    anchor = appo.copy.deepcopy(model)
+    cfg = tiny_cfg(n_initial=n_initial, branch_points=branch_points, group_size=group_size)
     content = appo.content_token_mask(tokenizer)
-    stats = {}
     torch.manual_seed(0)
-    rollouts = appo.expand_tree(model, anchor, tokenizer, [prompt, prompt], cfg, None, content, stats)
+    rollouts, stats = appo.expand_tree(model, perturbed(model), tokenizer, [prompt, prompt], cfg, run_python, content)
     for e in (0, 1):
         mine = [r for r in rollouts if r.example == e]
         assert len(mine) == group_size and sum(r.parent < 0 for r in mine) == n_initial
     assert rollouts[:2 * n_initial] == [r for r in rollouts if r.parent < 0]   # initial ones first
-    assert stats["branch/omega_degenerate"] == stats["branch/scored"] > 0   # anchor == policy: entropy fallback
+    assert stats["branch/scored"] > 0 and stats["branch/omega_degenerate"] < stats["branch/scored"]  # Eq. 5 ran
     for r in rollouts:
-        assert len(r.tokens) == len(r.mask) == len(r.sampler_logp) and r.done
+        assert len(r.tokens) == len(r.mask) == len(r.logp) == len(r.entropy) and r.done
         if r.parent >= 0:
             p = rollouts[r.parent]
             assert r.tokens[:r.fork] == p.tokens[:r.fork] and r.mask[:r.fork] == p.mask[:r.fork]
-            assert p.mask[r.fork] == 1 and len(r.tokens) > r.fork           # branched at a sampled token
+            assert r.mask[r.fork - 1] == 1 or r.mask[r.fork] == 1        # forked at (or after a result after) a sampled token
+            assert len(r.tokens) > r.fork
             root = rollouts[r.root]
             assert root.parent < 0 and r.tokens[:r.root_fork] == root.tokens[:r.root_fork]
 
 
+def test_core_tree_with_anchor_equal_to_policy_is_degenerate(memorized):
+    model, tokenizer, prompt = memorized
+    torch.manual_seed(0)
+    _, stats = appo.expand_tree(model, appo.copy.deepcopy(model), tokenizer, [prompt], tiny_cfg(),
+                                run_python, appo.content_token_mask(tokenizer))
+    assert stats["branch/omega_degenerate"] == stats["branch/scored"] > 0   # Omega = 1: entropy fallback
+
+
 def test_core_grpo_tree_has_no_branches(memorized):
     model, tokenizer, prompt = memorized
-    rollouts = appo.expand_tree(model, model, tokenizer, [prompt], tiny_cfg(algo="grpo"), None,
-                                appo.content_token_mask(tokenizer), {})
+    rollouts, _ = appo.expand_tree(model, model, tokenizer, [prompt], tiny_cfg(algo="grpo"), run_python,
+                                   appo.content_token_mask(tokenizer))
     assert len(rollouts) == 8 and all(r.parent < 0 for r in rollouts)
+
+
+def test_core_arpo_branches_right_after_tool_results(memorized):
+    model, tokenizer, prompt = memorized
+    torch.manual_seed(0)
+    rollouts, _ = appo.expand_tree(model, None, tokenizer, [prompt], tiny_cfg(algo="arpo"),
+                                   run_python, appo.content_token_mask(tokenizer))
+    branches = [r for r in rollouts if r.parent >= 0]
+    assert len(rollouts) == 8 and branches                               # the memorised trace always calls python
+    for b in branches:                                                   # re-sampled from the first token after a result
+        assert b.mask[b.fork - 1] == 0 and rollouts[b.parent].mask[b.fork] == 1
 
 
 def test_core_rollout_advantages_hand_values():
@@ -872,6 +1008,27 @@ def test_core_rollout_advantages_hand_values():
     assert all(torch.equal(a, torch.zeros(4)) for a in appo.rollout_advantages(equal, tiny_cfg())[1])
 
 
+def test_core_chunked_logprobs_match_the_full_logits(memorized):
+    """The chunked, checkpointed log-probs equal log_softmax of the model's own logits, with the
+    same gradient."""
+    model, tokenizer, prompt = memorized
+    rs = [appo.Rollout(example=0, prompt=prompt, tokens=list(range(3, 3 + n)), mask=[1] * n) for n in (17, 9)]
+    ids, attn, mask, P = appo.pad_batch(rs, tokenizer.pad_token_id, "cpu")
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    full = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1].float() / 0.7
+    want = full.log_softmax(-1).gather(-1, ids[:, P:, None])[..., 0]
+    (want * mask).sum().backward()
+    g_want = model.get_output_embeddings().weight.grad.clone()
+    model.zero_grad()
+    got, ent, _ = appo.response_logprobs(model, rs, 0.7, tokenizer.pad_token_id, chunk=4, with_entropy=True)
+    (got * mask).sum().backward()
+    g_got = model.get_output_embeddings().weight.grad.clone()
+    model.zero_grad()
+    assert torch.allclose(got * mask, want.detach() * mask, atol=1e-5)
+    assert torch.allclose(ent * mask, appo.entropy_from_logits(full.detach()) * mask, atol=1e-4)
+    assert torch.allclose(g_got, g_want, rtol=1e-4, atol=1e-5 * g_want.abs().max())
+
+
 def test_core_load_examples_verl_parquet_and_jsonl(tmp_path):
     from datasets import Dataset
     rows = [{"prompt": [{"role": "system", "content": "use \x08oxed{}"}, {"role": "user", "content": "Q1?"}],
@@ -885,17 +1042,35 @@ def test_core_load_examples_verl_parquet_and_jsonl(tmp_path):
                                       + json.dumps({"question": "2+2?", "answer": 4, "kind": "math"}) + "\n")
     a, b = appo.load_examples(str(tmp_path / "q.jsonl"))
     assert (a["answer"], a["kind"], b["answer"], b["kind"]) == (["A", "B"], "qa", ["4"], "math")
-    with pytest.raises(FileNotFoundError):
-        appo.load_examples(str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"question": "a?", "answer": "b"}', '{"question": "c?", "answer": '], "q.jsonl:2: not valid JSON"),
+    (['{"question": "a?", "answer": "b", "kind": "physics"}'], "q.jsonl:1: kind must be 'math' or 'qa'"),
+    (['{"question": "a?"}'], "q.jsonl:1: needs `question` and `answer`"),
+    (['{"question": "", "answer": "b"}'], "q.jsonl:1: the question must be a non-empty string"),
+])
+def test_core_bad_data_rows_name_file_and_line(tmp_path, lines, message):
+    (tmp_path / "q.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(appo.DataError, match=message):
+        appo.load_examples(str(tmp_path / "q.jsonl"))
 
 
 def test_core_parse_config_rejects_unknown_and_bad_values(capsys):
     assert appo.parse_config(["--steps=3", "--algo=grpo"]).steps == 3
-    for argv in (["--stepz=3"], ["--algo=ppo"], ["--steps=three"]):
+    assert appo.parse_config(["--steps", "4", "--dual_group=False"]).dual_group is False
+    for argv in (["--stepz=3"], ["--algo=ppo"], ["--steps=three"], ["--steps=-1"], ["--temperature=0"]):
         with pytest.raises(SystemExit) as e:
             appo.parse_config(argv)
         assert e.value.code == 2
     assert "stepz" in capsys.readouterr().err
+
+
+def test_core_dual_group_advantages_accepts_lists():
+    want = appo.dual_group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]), torch.zeros(5, dtype=torch.long),
+                                      torch.tensor([False, False, True, True, True]))
+    got = appo.dual_group_advantages([1, 0, 1, 1, 0], [0] * 5, [False, False, True, True, True])
+    assert torch.equal(got, want)
 
 
 def test_core_import_has_no_side_effects(tmp_path):
@@ -904,8 +1079,42 @@ def test_core_import_has_no_side_effects(tmp_path):
     assert out.returncode == 0 and out.stdout == "" and os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("script", ["appo.py", "eval.py"])
+def test_core_help_shows_every_setting_with_its_meaning(script):
+    out = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    settings = appo.Config if script == "appo.py" else ev.EvalArgs
+    docs = appo.field_docs(settings)
+    for f in appo.dataclasses.fields(settings):
+        assert f"--{f.name}=" in out.stdout and docs[f.name], f.name                # every setting documented
+        assert docs[f.name].split()[0] in out.stdout
+    if script == "appo.py":
+        assert "Paper: 4 (code: 8)" in out.stdout and "--lr=0.0005" in out.stdout   # meaning, default, paper value
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model=/nonexistent"], "is neither a folder nor a Hugging Face Hub id"),
+    (["--steps=-1"], "--steps must be >= 0"),
+    (["--train_data={bad}"], "q.jsonl:2: kind must be 'math' or 'qa'"),
+    (["--train_data={broken}"], "b.jsonl:1: not valid JSON"),
+])
+def test_core_user_errors_stop_before_any_work(tmp_path, args, message):
+    bad = tmp_path / "q.jsonl"
+    bad.write_text(json.dumps({"question": "a?", "answer": "1"}) + "\n"
+                   + json.dumps({"question": "b?", "answer": "2", "kind": "physics"}) + "\n")
+    (tmp_path / "b.jsonl").write_text("{not json\n")
+    args = [a.format(bad=bad, broken=tmp_path / "b.jsonl") for a in args]
+    out_dir = tmp_path / "run"
+    res = subprocess.run([sys.executable, os.path.join(HERE, "appo.py"), f"--out_dir={out_dir}", *args],
+                         capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert not out_dir.exists()                                          # nothing was built
+
+
 ##### subprocess smoke runs of appo.py at tiny budgets #####
-SMOKE = ["--steps=2", "--sft_steps=3", "--toy_train_size=40", "--toy_test_size=8", "--prompts_per_step=2",
+SMOKE = ["--steps=2", "--sft_steps=150", "--temperature=1.0", "--toy_train_size=40", "--toy_test_size=8", "--prompts_per_step=2",
          "--n_initial=2", "--branch_points=3", "--group_size=8", "--max_response_tokens=64", "--save_every=1"]
 
 
@@ -930,6 +1139,21 @@ def seeded_dir(toy_cache, tmp_path):
     return tmp_path
 
 
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def moved_fraction(before, after):
+    """Share of all weight entries that changed at all."""
+    changed = sum(int((before[k] != after[k]).sum()) for k in before)
+    return changed / sum(v.numel() for v in before.values())
+
+
+def without_time(rows):
+    return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in rows]
+
+
 @pytest.mark.parametrize("algo", ["appo", "grpo", "arpo"])
 def test_core_smoke_run_each_algo(toy_cache, tmp_path, algo):
     out = seeded_dir(toy_cache, tmp_path)
@@ -938,34 +1162,59 @@ def test_core_smoke_run_each_algo(toy_cache, tmp_path, algo):
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("reward/mean", "acc/mean", "rollouts", "branches", "tokens/generated", "tool_calls",
-                "time/rollout_s", "time/update_s", "branch/omega_degenerate"):
+                "time/rollout_s", "time/update_s", "branch/omega_degenerate", "update/grad_norm"):
         assert key in metrics[0], key
     assert all(m["rollouts"] == 16 for m in metrics)                      # M per prompt, every algo
-    assert all((m["branches"] > 0) == (algo == "appo") or algo == "arpo" for m in metrics)
+    assert all(m["update/optimizer_steps"] == 1 and m["update/skipped_nonfinite"] == 0 for m in metrics)
+    if algo == "grpo":
+        assert all(m["branches"] == 0 for m in metrics)
+    if algo == "appo":
+        assert all(m["branches"] == 12 for m in metrics)                  # 2 prompts x (8 - 2 initial)
+    assert moved_fraction(weights(out / "sft"), weights(out / "final")) > 0.5
     summary = json.load(open(out / "summary.json"))
     assert summary["algo"] == algo and summary["steps"] == 2 and summary["test_acc_after"] is not None
     assert json.load(open(out / "config.json"))["algo"] == algo
     assert os.path.exists(out / "final" / "config.json") and os.path.exists(out / "ckpt" / "trainer_state.pt")
 
 
-def test_core_kill_and_resume(toy_cache, tmp_path):
+def test_core_bf16_training_moves_the_float32_master_weights(toy_cache, tmp_path):
+    """At lr 1e-6 an update of bf16 weights rounds away (~2% moved); fp32 masters all move."""
     out = seeded_dir(toy_cache, tmp_path)
+    res = run_appo(out, "--dtype=bfloat16", "--lr=1e-6", "--algo=grpo")
+    assert res.returncode == 0, res.stderr[-3000:]
+    final = weights(out / "final")
+    assert all(v.dtype == torch.float32 for v in final.values())
+    assert moved_fraction(weights(out / "sft"), final) > 0.5
+
+
+def test_core_kill_and_resume_matches_an_uninterrupted_run(toy_cache, tmp_path):
+    straight = seeded_dir(toy_cache, tmp_path / "straight")
+    res = run_appo(straight, "--steps=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = seeded_dir(toy_cache, tmp_path / "killed")
     cmd = [sys.executable, os.path.join(HERE, "appo.py"), f"--out_dir={out}", *SMOKE, "--steps=4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=HERE)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:                 # kill right after a checkpoint
         state = out / "ckpt" / "trainer_state.pt"
-        if state.exists() and torch.load(state, weights_only=False)["step"] >= 2:
-            break
-        time.sleep(0.2)
+        try:
+            if state.exists() and torch.load(state, weights_only=False)["step"] >= 2:
+                break
+        except Exception:                                                 # caught mid-write: try again
+            pass
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     res = subprocess.run(cmd + ["--resume=True"], capture_output=True, text=True, timeout=300, cwd=HERE)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
-    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
-    assert steps == [1, 2, 3, 4]
-    assert json.load(open(out / "summary.json"))["steps"] == 4
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert without_time(metrics) == without_time([json.loads(line) for line in open(straight / "metrics.jsonl")])
+    a, b = weights(out / "final"), weights(straight / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    s1, s2 = (json.load(open(d / "summary.json")) for d in (out, straight))
+    assert {k: v for k, v in s1.items() if k != "wall_s"} == {k: v for k, v in s2.items() if k != "wall_s"}
 
 
 def test_core_toy_world_splits():
