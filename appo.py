@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 
 from math_verify import parse as mv_parse, verify as mv_verify
 
+import report
 import tools
 
 
@@ -68,9 +70,13 @@ class Config:
     train_data: str = ""
     """verl parquet (chat `prompt`, `reward_model.ground_truth`, `ability`) or JSONL
     (`question`, `answer` str or list, `kind` math|qa). Empty: the toy world's train split."""
+    val_data: str = ""
+    """Validation split (same formats) for pass@k at the SFT checkpoint. Empty: the toy's."""
+    pass_k: int = 8
+    """Samples per validation question for pass@k of the SFT checkpoint (0 or 1 = skip)."""
     test_data: str = ""
     """Held-out split evaluated before and after RL, same formats. Empty: the toy test split."""
-    eval_limit: int = 200
+    eval_limit: int = 0
     """Questions of test_data evaluated before and after RL (0 = all)."""
     system_prompt: str = (
         "Solve the question step by step. You can call tools: <search> query </search> searches a "
@@ -92,8 +98,9 @@ class Config:
     """URL of a Search-R1 retriever server (POST {"queries", "topk", "return_scores"})."""
     search_cache: str = ""
     """JSON file query -> result text, tried before the other backends (paper: search_cache.json)."""
-    search_topk: int = 2
-    """Passages per search. Paper code: 3-5; the toy uses 2 to keep sequences short."""
+    search_topk: int = 1
+    """Passages per search. Paper code: 3-5 (use --search_topk=3 with a real retriever); the toy's
+    questions need exactly one passage per search, and 1 keeps its sequences short."""
     max_tool_calls: int = 3
     """Tool calls per rollout; further calls are answered with a limit message. Paper code: 3
     (reasoning) / 6 (deep search)."""
@@ -124,9 +131,9 @@ class Config:
     half_life: float = 32.0
     """h in gamma = 2^(-1/h) for Eqs. 4 and 7. Paper: 32 (code: 64)."""
     temperature: float = 0.7
-    """Sampling temperature tau (also used in Eq. 3 and the loss). Paper code: 1.0. The toy uses 0.7:
-    at 1.0 the 0.9M model's samples were far worse than its greedy answers (measured: 8 of 64
-    sampled train answers right vs 55% greedy on the test split), so RL mostly saw noise."""
+    """Sampling temperature tau (also used in Eq. 3 and the loss). Paper code: 1.0. The toy uses 0.7,
+    chosen on its validation split: after RL 62.3% at 0.7 vs 47.0% at 1.0 (the tiny model's sampled
+    copies of names and digits fail more often at 1.0)."""
     top_p: float = 1.0
     """Nucleus sampling for rollouts (1.0 = off, the unbiased on-policy choice)."""
     max_response_tokens: int = 192
@@ -138,8 +145,8 @@ class Config:
     (micro_batch, chunk, vocab) float32 logits exist at a time, recomputed in the backward pass."""
 
     # --- update (spec section 3) ---
-    steps: int = 60
-    """RL steps."""
+    steps: int = 100
+    """RL steps. The toy: 100 (about 3 minutes here; validation accuracy was still rising at 60)."""
     prompts_per_step: int = 8
     """Prompts per RL step. Paper: 128 (code: 96)."""
     mini_batch_prompts: int = 4
@@ -149,8 +156,8 @@ class Config:
     micro_batch_size: int = 32
     """Rollouts per forward/backward; gradients accumulate over a mini-batch. Lower it on a GPU."""
     lr: float = 5e-4
-    """AdamW learning rate. Paper code: 1e-6 for 7B; a 0.9M-parameter toy needs far more (2e-4 barely
-    moved it in 40 steps, 1e-3 drifted)."""
+    """AdamW learning rate. Paper code: 1e-6 for 7B; the 0.6M-parameter toy needs far more. Chosen on
+    the toy's validation split: 5e-4 -> 62.3% after RL, 1e-3 -> 21.0% (arithmetic collapsed)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -169,22 +176,48 @@ class Config:
     """beta for KL(pi_theta || pi_ref). Paper: 0 (code: 0.001)."""
     save_every: int = 10
     """RL steps between checkpoints (a checkpoint is also written at the end)."""
+    tree_every: int = 10
+    """RL steps between rollout-tree pages (tree_step<N>.html; also the last step). 0 = none."""
+    tree_prompts: int = 3
+    """Prompts of a step shown on its tree page."""
+    report_to: str = ""
+    """Also send the metrics to: tensorboard | wandb (optional; needs that package installed)."""
 
-    # --- embedded default: the toy world and its cold-start SFT ---
-    toy_train_size: int = 2000
-    """Questions in the toy train split."""
-    toy_test_size: int = 200
-    """Questions in the held-out toy split."""
-    toy_guess_rate: float = 0.3
-    """Share of SFT traces where the 'teacher' answers from memory (wrong) instead of using the
-    tools: the cold-start data is noisy, as real distilled data is, and RL must learn when tools
-    pay off."""
-    sft_steps: int = 1400
-    """Cold-start SFT steps on the toy traces (paper: 3 epochs of 54K traces)."""
+    # --- embedded default: the toy world (toy.py) and its cold-start SFT ---
+    toy_dir: str = ""
+    """Where the toy world, its untrained model and its SFT checkpoint are cached (empty: out_dir).
+    Runs that share it start RL from the same SFT checkpoint (the algorithm comparison does)."""
+    toy_test_size: int = 1000
+    """Held-out test questions (a third of each type). 1,000: the standard error of one accuracy
+    is then ~1.5 points instead of ~3 at 200."""
+    toy_val_size: int = 300
+    """Validation questions: every toy setting was chosen on these, never on the test split."""
+    toy_rl_size: int = 1200
+    """Questions RL trains on; none of them is in the SFT traces."""
+    toy_sft_size: int = 3600
+    """Questions with a teacher trace for the cold-start SFT."""
+    toy_wrong_rate: float = 0.6
+    """How often the SFT teacher takes the wrong option at its question's decision (answers from
+    memory, searches the decoy name, stops a hop short). Above 0.5, so greedy decoding after SFT
+    takes the wrong option while samples often take the right one: RL has something to find."""
+    toy_error_rate: float = 0.05
+    """How often a teacher trace first recovers from a slip (a python syntax error, an empty search),
+    so the SFT data covers what RL rollouts meet."""
+    toy_hidden: int = 128
+    """Hidden size of the toy model (0.61M parameters in all; 192 was slower and no better)."""
+    toy_layers: int = 3
+    """Layers of the toy model (4 measured no better after 1,500 SFT steps, on validation)."""
+    toy_heads: int = 4
+    """Attention heads of the toy model."""
+    sft_steps: int = 2500
+    """Cold-start SFT steps (paper: 3 epochs of 54K traces). The toy: 2,500 x 16 traces (~11 epochs,
+    ~4.5 minutes here), enough for the copying mechanics (tool calls right >= 80% of the time)."""
     sft_batch_size: int = 16
     """Traces per SFT step."""
     sft_lr: float = 3e-3
-    """SFT learning rate (paper: 7e-6 for 7B)."""
+    """SFT peak learning rate (paper: 7e-6 for 7B)."""
+    sft_warmup: int = 30
+    """SFT warm-up steps (linear), then cosine decay to 10 %."""
 
 
 def field_docs(cls):
@@ -257,7 +290,8 @@ def parse_config(argv):
     any work, with one line and exit code 2."""
     cfg = parse_settings(Config, argv, "appo.py")
     choices = {"algo": ("appo", "grpo", "arpo"), "branch_score": ("bs", "entropy", "random"),
-               "omega_anchor": ("prev", "ref", "sampler"), "dtype": ("auto", "float32", "bfloat16")}
+               "omega_anchor": ("prev", "ref", "sampler"), "dtype": ("auto", "float32", "bfloat16"),
+               "report_to": ("", "tensorboard", "wandb")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             stop("appo.py", f"--{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
@@ -289,6 +323,10 @@ def parse_config(argv):
             stop("appo.py", f"--{key}={path!r}: no such file")
     if cfg.model and not cfg.train_data:
         stop("appo.py", "--train_data is needed with --model")
+    if cfg.report_to:
+        import importlib.util
+        if importlib.util.find_spec(cfg.report_to) is None:
+            stop("appo.py", f"--report_to={cfg.report_to} needs `pip install {cfg.report_to}`")
     return cfg
 
 
@@ -331,16 +369,23 @@ def extract_answer(response: str) -> str | None:
     return None
 
 
-def format_ok(response: str) -> bool:
-    """Spec section 1: an <answer> holding a \\boxed{}, and balanced tool tags.
-
-    A response cut off inside a tool call has one more <python>/<search> than closers.
-    Example: "<search>x</search> <result>\\n..\\n</result> <answer>\\boxed{1}</answer>" -> True;
-             "<python>print(1)" -> False.
+def format_error(response: str) -> str | None:
+    """Why a response's format is invalid (spec section 1), or None when it is valid:
+    "no_answer" (no <answer> block holding a closed \\boxed{}) or "unbalanced_tags" (a tool tag
+    opened and not closed, e.g. a response cut off inside a call).
+    Example: "<search>x</search> <result>\\n..\\n</result> <answer>\\boxed{1}</answer>" -> None;
+             "<python>print(1)" -> "no_answer".
     """
     if extract_answer(response) is None:
-        return False
-    return all(response.count(f"<{t}>") == response.count(f"</{t}>") for t in _TOOL_TAGS)
+        return "no_answer"
+    if any(response.count(f"<{t}>") != response.count(f"</{t}>") for t in _TOOL_TAGS):
+        return "unbalanced_tags"
+    return None
+
+
+def format_ok(response: str) -> bool:
+    """Spec section 1: an <answer> holding a \\boxed{}, and balanced tool tags (see format_error)."""
+    return format_error(response) is None
 
 
 def normalize_answer(s: str) -> str:
@@ -413,8 +458,9 @@ def compute_reward(response: str, golds: list[str], kind: str) -> dict:
 
     score is the correctness of the extracted answer whatever the format (eval reports it);
     kind "math": 1.0 if math_equal with any gold alias; kind "qa": max token-F1 over aliases.
+    Returns the reward and its parts: format_ok, format_error (see format_error), score, answer.
     Example: compute_reward("<answer>\\boxed{4}</answer>", ["4"], "math")
-             -> {"reward": 1.0, "format_ok": True, "score": 1.0, "answer": "4"}.
+             -> {"reward": 1.0, "format_ok": True, "format_error": None, "score": 1.0, "answer": "4"}.
     """
     if kind not in ("math", "qa"):
         raise ValueError(f"kind must be 'math' or 'qa', got {kind!r}")
@@ -425,8 +471,9 @@ def compute_reward(response: str, golds: list[str], kind: str) -> dict:
         score = float(any(math_equal(answer, g) for g in golds))
     else:
         score = token_f1(answer, golds)
-    ok = format_ok(response)
-    return {"reward": score if ok else -1.0, "format_ok": ok, "score": score, "answer": answer}
+    error = format_error(response)
+    return {"reward": score if error is None else -1.0, "format_ok": error is None, "format_error": error,
+            "score": score, "answer": answer}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -723,6 +770,11 @@ class Rollout:
     reward: float = 0.0
     score: float = 0.0
     format_ok: bool = False
+    format_error: str | None = None                     # truncated | no_answer | unbalanced_tags
+    branch_pos: int = -1                                # t: the position it was branched at (-1: initial)
+    branch_points: list = field(default_factory=list)   # positions where branches of it were made
+    signals: dict = field(default_factory=dict)         # per-token omega, z_h, z_omega, bs, candidate (Eqs. 4-5)
+    adv: list = field(default_factory=list)             # per-token base advantage after Eq. 6
 
     @property
     def tool_calls(self):
@@ -802,124 +854,186 @@ def top_p_filter(probs, top_p):
     return torch.zeros_like(probs).scatter(-1, order, sorted_p)
 
 
-@torch.no_grad()
-def sample(model, seqs, budgets, sampling, eos_id, pad_id, texts, tails):
-    """Continue every token list in `seqs` with a KV cache, sampling from exactly softmax(z / tau)
-    (top-p only when asked; argmax when greedy). Nothing comes from the model's own
-    generation_config (a repetition penalty there would make the sampler differ from pi_old).
+@dataclass
+class Decoding:
+    """Rows being continued with one KV cache. Cache columns a row does not use (left padding, the
+    tail of a longer shared prefix, steps while it waits for a tool) are holes: attention mask 0."""
+    cache: object                       # transformers DynamicCache, (b, heads, W, d) per layer
+    attn: torch.Tensor                  # (b, W) 1 where the column holds one of the row's tokens
+    pos: torch.Tensor                   # (b,) position id of each row's next token
+    logits: torch.Tensor = None         # (b, V) next-token logits after the last feed
 
-    Row i ends at EOS (kept: the model chose it), at a stop string ending in its new text
-    (`tails[i]` is the text before, so a stop that spans a branch's fork is found), or after
-    budgets[i] tokens. Finished rows leave the batch. Returns per row (tokens, logp, entropy, end):
-    logp = log softmax(z / tau)[y_t] (pi_old of the loss), entropy = H_t (Eq. 3), end = "eos",
-    "length" or the stop string.
-    """
+
+def feed(model, d, new, pad_id):
+    """Append the token list new[i] (possibly empty) to row i in one forward pass. Lists are
+    left-padded with holes, so every row's last new token is the last column and its logits are
+    the only ones computed (logits_to_keep=1)."""
+    device = d.attn.device
+    width = max(1, max(map(len, new)))
+    ids = torch.tensor([[pad_id] * (width - len(x)) + list(x) for x in new], device=device)   # (b, L)
+    block = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in new], device=device)  # (b, L)
+    pos = d.pos[:, None] + (block.cumsum(-1) - 1).clamp(min=0)                                 # (b, L)
+    d.attn = torch.cat([d.attn, block], dim=1)                                                  # (b, W + L)
+    d.logits = model(input_ids=ids, attention_mask=d.attn, position_ids=pos, past_key_values=d.cache,
+                     use_cache=True, logits_to_keep=1).logits[:, -1].float()                   # (b, V)
+    d.pos = d.pos + block.sum(-1)
+
+
+def prefix_groups(contexts):
+    """For each token list, the index of one it is a prefix of (itself if none), so the rollouts of
+    one prompt, or the branches of one parent, are prefilled once.
+    Example: [[1, 2], [1, 2, 3], [4], [1, 9]] -> [1, 1, 2, 3]."""
+    group, reps = [0] * len(contexts), []
+    for i in sorted(range(len(contexts)), key=lambda i: -len(contexts[i])):
+        c = contexts[i]
+        group[i] = next((j for j in reps if contexts[j][:len(c)] == c), i)
+        if group[i] == i:
+            reps.append(i)
+    return group
+
+
+def start_decoding(model, contexts, pad_id):
+    """Prefill the contexts: each prefix group runs once without its last token, every row takes a
+    copy of its group's cache cut to its own length (the rest masked), then each row's last token
+    is fed, which gives its next-token logits. Returns (Decoding, prefill tokens computed)."""
     from transformers import DynamicCache
     device = next(model.parameters()).device
-    lens = torch.tensor([len(s) for s in seqs], device=device)
-    width = int(lens.max())
-    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)  # (b, L) left-padded
-    attn = (torch.arange(width, device=device)[None] >= width - lens[:, None]).long()  # (b, L)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)                                           # RoPE skips pads
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1].float()             # (b, V)
-    next_pos, live = lens.clone(), list(range(len(seqs)))
-    out = [([], [], [], "length") for _ in seqs]
-    tails = list(tails)
-    for _ in range(max(budgets)):
-        logp_all = (logits / sampling.temperature).log_softmax(-1)                      # (b', V)
-        if sampling.greedy:
-            tok = logits.argmax(-1)                                                     # (b',)
-        else:
-            tok = torch.multinomial(top_p_filter(logp_all.exp(), sampling.top_p), 1)[:, 0]
-        logp = logp_all.gather(-1, tok[:, None])[:, 0]                                 # (b',)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)                                  # (b',) Eq. 3
-        keep = []
-        for j, (i, t, lp, h) in enumerate(zip(live, tok.tolist(), logp.tolist(), entropy.tolist())):
-            toks, lps, ents, _ = out[i]
-            toks.append(t), lps.append(lp), ents.append(h)
-            piece = texts[t] if t < len(texts) else ""
-            end = "eos" if t == eos_id else find_stop(tails[i], piece)
-            if end is None and len(toks) >= budgets[i]:
-                end = "length"
-            if end is None:
-                tails[i] = (tails[i] + piece)[-32:]
-                keep.append(j)
-            else:
-                out[i] = (toks, lps, ents, end)
-        if not keep:
-            break
-        if len(keep) < len(live):                                # finished rows leave the batch
-            idx = torch.tensor(keep, device=device)
-            cache.batch_select_indices(idx)
-            attn, tok, next_pos, live = attn[idx], tok[idx], next_pos[idx], [live[j] for j in keep]
-        attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
-        logits = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1].float()
-        next_pos = next_pos + 1
-    return out
+    group = prefix_groups(contexts)
+    reps = sorted(set(group))
+    d = Decoding(cache=DynamicCache(config=model.config), attn=torch.zeros(len(reps), 0, dtype=torch.long,
+                 device=device), pos=torch.zeros(len(reps), dtype=torch.long, device=device))
+    feed(model, d, [contexts[r][:-1] for r in reps], pad_id)
+    idx = torch.tensor([reps.index(g) for g in group], device=device)
+    d.cache.batch_select_indices(idx)
+    own = torch.tensor([len(c) - 1 for c in contexts], device=device)                 # (b,) tokens kept
+    d.attn = d.attn[idx] * (d.attn[idx].cumsum(-1) <= own[:, None])                    # (b, W)
+    d.pos = own
+    feed(model, d, [[c[-1]] for c in contexts], pad_id)
+    return d, sum(len(contexts[r]) - 1 for r in reps) + len(contexts)
 
 
-def ends_with_call(r, texts):
-    """True when the response's last sampled text already closes a tool call (a branch can keep
-    the token that completes `</python>`): the call runs before anything is sampled."""
-    tail = tail_text(r.tokens, texts).rstrip()
-    return bool(r.tokens) and r.mask[-1] == 1 and tail.endswith(tools.STOP_STRINGS)
+def keep_rows(d, keep):
+    """Drop finished rows from the batch (keep: batch indices that stay)."""
+    idx = torch.tensor(keep, dtype=torch.long, device=d.attn.device)
+    d.cache.batch_select_indices(idx)
+    d.attn, d.pos, d.logits = d.attn[idx], d.pos[idx], d.logits[idx]
 
 
-def generate_rollouts(model, tokenizer, rollouts, sampling, run_tools):
-    """The tool loop (spec section 1), batched: sample until a closing tool tag, </answer>, EOS or
-    the budget; run the calls concurrently (`run_tools([(name, payload, python_history), ...])`);
-    append their results as masked tokens (m_t = 0); resume; until every rollout is done."""
-    texts = token_texts(tokenizer)
-    while live := [r for r in rollouts if not r.done]:
-        waiting = [r for r in live if ends_with_call(r, texts)]
-        todo = [r for r in live if not ends_with_call(r, texts)]
-        for start in range(0, len(todo), sampling.batch_size):
-            chunk = todo[start:start + sampling.batch_size]
-            results = sample(model, [r.prompt + r.tokens for r in chunk],
-                             [sampling.max_response_tokens - len(r.tokens) for r in chunk], sampling,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id, texts,
-                             [tail_text(r.tokens, texts) for r in chunk])
-            for r, (toks, logp, entropy, end) in zip(chunk, results):
-                r.tokens += toks
-                r.mask += [1] * len(toks)
-                r.logp += logp
-                r.entropy += entropy
-                if end in tools.STOP_STRINGS:
-                    waiting.append(r)
-                else:                                                # eos, </answer> or length
-                    r.done, r.truncated = True, end == "length"
-        batch = []
-        for r in waiting:           # parse the whole response: a branch may fork inside a call
-            call = tools.parse_tool_call(tokenizer.decode(r.tokens, skip_special_tokens=True))
-            if call is None:
-                batch.append(("error", "the text before </python> or </search> is not a tool call", ()))
-            elif len(r.calls) >= sampling.max_tool_calls:
-                batch.append(("error", f"tool-call limit ({sampling.max_tool_calls}) reached; give your answer", ()))
-            else:
-                batch.append((call[0], call[1], [p for n, p, _ in r.calls if n == "python"]))
-        for r, (name, payload, _), result in zip(waiting, batch, run_tools(batch)):
-            ids = tokenizer(tools.format_result(result), add_special_tokens=False)["input_ids"]
-            room = sampling.max_response_tokens - len(r.tokens)
-            r.tokens += ids[:room]
-            r.mask += [0] * len(ids[:room])
-            r.logp += [0.0] * len(ids[:room])
-            r.entropy += [0.0] * len(ids[:room])
-            if name != "error":
-                r.calls.append((name, payload, len(r.tokens)))
-            if len(ids) >= room:                                     # cut inside a tool result
-                r.done, r.truncated = True, True
+def pick_tokens(logits, sampling):
+    """One token per row from exactly softmax(z / tau) (top-p only when asked; argmax when greedy)
+    -> (tokens, log pi(token) at tau, H of Eq. 3), each (b,)."""
+    logp_all = (logits / sampling.temperature).log_softmax(-1)                        # (b, V)
+    if sampling.greedy:
+        tok = logits.argmax(-1)
+    else:
+        tok = torch.multinomial(top_p_filter(logp_all.exp(), sampling.top_p), 1)[:, 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)                                     # Eq. 3
+    return tok, logp_all.gather(-1, tok[:, None])[:, 0], entropy
+
+
+def tool_request(r, tokenizer, max_calls):
+    """The call a paused rollout asks for, parsed from its whole response (a branch may have forked
+    inside the call) -> (name, payload, python history); malformed calls and calls beyond the limit
+    are answered with an error text."""
+    call = tools.parse_tool_call(tokenizer.decode(r.tokens, skip_special_tokens=True))
+    if call is None:
+        return "error", "the text before </python> or </search> is not a tool call", ()
+    if len(r.calls) >= max_calls:
+        return "error", f"tool-call limit ({max_calls}) reached; give your answer", ()
+    return call[0], call[1], [p for n, p, _ in r.calls if n == "python"]
+
+
+def submit_call(pool, call_tool, request):
+    """Start a tool call in the background -> future of its result text."""
+    name, payload, history = request
+    return pool.submit(call_tool, name, payload, history=history)
+
+
+@torch.no_grad()
+def generate_rollouts(model, tokenizer, rollouts, sampling, call_tool, cost=None):
+    """The tool loop (spec section 1), batched, on one KV cache per batch: sample until a closing
+    tool tag, </answer>, EOS or the budget; a rollout that stops at a tool tag waits (its call runs
+    in the background at once) while the others go on; when none is sampling, the results are fed
+    as masked tokens (m_t = 0) into the same cache and sampling resumes. Nothing is prefilled twice:
+    not the prompt of N rollouts, not a parent's prefix for its branches, not a rollout after a call.
+    `call_tool(name, payload, history) -> str`. `cost` (a dict), if given, adds up the work done."""
+    texts, pad = token_texts(tokenizer), tokenizer.pad_token_id
+    cost = {} if cost is None else cost
+    todo = [r for r in rollouts if not r.done]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for s in range(0, len(todo), sampling.batch_size):
+            _generate_batch(model, tokenizer, todo[s:s + sampling.batch_size], sampling, call_tool, pool, texts,
+                            pad, cost)
     for r in rollouts:
         r.text = tokenizer.decode(r.tokens, skip_special_tokens=True)
     return rollouts
 
 
-def run_agent(model, tokenizer, prompts, sampling, run_tools):
+def _generate_batch(model, tokenizer, rows, sampling, call_tool, pool, texts, pad, cost):
+    t0 = time.time()
+    d, prefill = start_decoding(model, [r.prompt + r.tokens for r in rows], pad)
+    add = lambda k, v: cost.__setitem__(k, cost.get(k, 0) + v)
+    add("prefill_tokens", prefill)
+    tails = [tail_text(r.tokens, texts) for r in rows]
+    waiting = {}                                           # batch row -> future of its tool result
+    for j, r in enumerate(rows):                           # a branch that kept a whole closing tag
+        if r.tokens and r.mask[-1] and tails[j].rstrip().endswith(tools.STOP_STRINGS):
+            waiting[j] = submit_call(pool, call_tool, tool_request(r, tokenizer, sampling.max_tool_calls))
+    live = list(range(len(rows)))                          # batch row b holds rows[live[b]]
+    while live:
+        new, keep = [], []
+        if len(waiting) < len(live):
+            tok, logp, entropy = pick_tokens(d.logits, sampling)
+            for b, (t, lp, h) in enumerate(zip(tok.tolist(), logp.tolist(), entropy.tolist())):
+                j, r = live[b], rows[live[b]]
+                if j in waiting:
+                    new.append([]), keep.append(b)
+                    continue
+                r.tokens.append(t), r.mask.append(1), r.logp.append(lp), r.entropy.append(h)
+                piece = texts[t] if t < len(texts) else ""
+                end = "eos" if t == tokenizer.eos_token_id else find_stop(tails[j], piece)
+                tails[j] = (tails[j] + piece)[-32:]
+                if end in tools.STOP_STRINGS:
+                    waiting[j] = submit_call(pool, call_tool, tool_request(r, tokenizer, sampling.max_tool_calls))
+                elif end is None and len(r.tokens) >= sampling.max_response_tokens:
+                    end = "length"
+                if end is None or end in tools.STOP_STRINGS:
+                    new.append([t]), keep.append(b)
+                else:                                      # eos, </answer> or the budget: finished
+                    r.done, r.truncated = True, end == "length"
+            add("generated_tokens", len(tok) - len(waiting))
+        else:                                              # every live row waits: feed the results
+            t1 = time.time()
+            for b, j in enumerate(live):
+                r = rows[j]
+                name, payload, _ = tool_request(r, tokenizer, sampling.max_tool_calls)
+                ids = tokenizer(tools.format_result(waiting.pop(j).result()), add_special_tokens=False)["input_ids"]
+                room = sampling.max_response_tokens - len(r.tokens)
+                r.tokens += ids[:room]
+                r.mask += [0] * len(ids[:room])
+                r.logp += [0.0] * len(ids[:room])
+                r.entropy += [0.0] * len(ids[:room])
+                tails[j] = tail_text(r.tokens, texts)
+                if name != "error":
+                    r.calls.append((name, payload, len(r.tokens)))
+                if len(ids) >= room:                       # cut inside a tool result
+                    r.done, r.truncated = True, True
+                else:
+                    new.append(ids), keep.append(b)
+            add("tool_calls", len(live))
+            add("tool_wait_s", time.time() - t1)
+        if keep and len(keep) < len(live):
+            keep_rows(d, keep)
+        live = [live[b] for b in keep]
+        if live:
+            feed(model, d, new, pad)
+    add("generate_s", time.time() - t0)
+
+
+def run_agent(model, tokenizer, prompts, sampling, call_tool, cost=None):
     """Answer each prompt (token ids) once with the tool loop. Used by evaluation and eval.py."""
     rollouts = [Rollout(example=i, prompt=list(p), root=i) for i, p in enumerate(prompts)]
-    return generate_rollouts(model, tokenizer, rollouts, sampling, run_tools)
+    return generate_rollouts(model, tokenizer, rollouts, sampling, call_tool, cost)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -946,7 +1060,8 @@ def _chunk_logp(hidden, targets, head, temperature, with_entropy):
     logp = logits.gather(-1, targets[..., None])[..., 0] - logz                # (b, c)
     if not with_entropy:
         return logp, None
-    return logp, logz - (logits.softmax(-1) * logits).sum(-1)                  # H = log Z - E_p[z]
+    logp_all = logits - logz[..., None]                                        # (b, c, V)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)                          # H, as the sampler computes it
 
 
 def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_entropy=False):
@@ -1019,7 +1134,7 @@ def branch_from(parent, index, t, keep_token=True):
         example=parent.example, prompt=parent.prompt, tokens=parent.tokens[:fork], mask=parent.mask[:fork],
         logp=parent.logp[:fork], entropy=parent.entropy[:fork],
         calls=[c for c in parent.calls if c[2] <= fork], parent=index, root=parent.root, fork=fork,
-        root_fork=fork if parent.parent < 0 else parent.root_fork)
+        root_fork=fork if parent.parent < 0 else parent.root_fork, branch_pos=t)
 
 
 def candidate_mask(rollouts, content_ids, keep_token=True, after_tool_only=False):
@@ -1066,7 +1181,7 @@ def on_device(model, device):
         model.to("cpu")
 
 
-def expand_tree(model, anchor, tokenizer, prompts, cfg, run_tools, content_ids):
+def expand_tree(model, anchor, tokenizer, prompts, cfg, call_tool, content_ids):
     """All rollouts of one RL step: N per prompt, then rounds of branching until M per prompt.
     Returns (rollouts with the initial ones first, branching statistics)."""
     sampling = sampling_of(cfg)
@@ -1077,10 +1192,11 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, run_tools, content_ids):
     rollouts = [Rollout(example=i, prompt=p) for i, p in enumerate(prompts) for _ in range(n_init)]
     for i, r in enumerate(rollouts):
         r.root = i
-    generate_rollouts(model, tokenizer, rollouts, sampling, run_tools)
+    cost = {}
+    generate_rollouts(model, tokenizer, rollouts, sampling, call_tool, cost)
     frontier = list(range(len(rollouts)))
     rule = "entropy" if arpo else cfg.branch_score
-    stats = {"branch/omega_degenerate": 0, "branch/scored": 0, "branch/rounds": 0}
+    stats = {"tree/omega_degenerate": 0, "tree/scored": 0, "tree/rounds": 0}
     while frontier and cfg.algo != "grpo":
         count = per_prompt(rollouts, len(prompts))
         frontier = [i for i in frontier if count[rollouts[i].example] < cfg.group_size]
@@ -1102,9 +1218,10 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, run_tools, content_ids):
         cands = candidate_mask(rows, content_ids, keep, after_tool_only=arpo)
         points, priority, degenerate = select_branch_points(
             stack_rows([r.entropy for r in rows]), omega, cands, cfg.branch_points, rule=rule)
-        stats["branch/omega_degenerate"] += int(degenerate.sum())
-        stats["branch/scored"] += int(cands.any(-1).sum())                    # rows that could branch
-        stats["branch/rounds"] += 1
+        stats["tree/omega_degenerate"] += int(degenerate.sum())
+        stats["tree/scored"] += int(cands.any(-1).sum())                      # rows that could branch
+        stats["tree/rounds"] += 1
+        record_signals(rows, stack_rows([r.entropy for r in rows]), omega, cands)
         ##### keep the globally best points where a round would overshoot M #####
         by_prompt = {}
         for i, pts, pri in zip(frontier, points, priority):
@@ -1115,9 +1232,10 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, run_tools, content_ids):
             cand.sort(key=lambda c: -c[0])
             for _, i, t in cand[:cfg.group_size - count[ex]]:
                 new.append(branch_from(rollouts[i], i, t, keep))
+                rollouts[i].branch_points.append(t)
         if not new:
             break
-        generate_rollouts(model, tokenizer, new, sampling, run_tools)
+        generate_rollouts(model, tokenizer, new, sampling, call_tool, cost)
         frontier = list(range(len(rollouts), len(rollouts) + len(new)))
         rollouts += new
     if arpo:   # Decision: ARPO's shortfall (rollouts without tool calls) -> fresh rollouts
@@ -1126,9 +1244,21 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, run_tools, content_ids):
                  for _ in range(cfg.group_size - count[e])]
         for j, r in enumerate(extra):
             r.root = len(rollouts) + j
-        generate_rollouts(model, tokenizer, extra, sampling, run_tools)
+        generate_rollouts(model, tokenizer, extra, sampling, call_tool, cost)
         rollouts += extra
+    stats.update({"cost/prefill_tokens": cost.get("prefill_tokens", 0), "time/generate_s": cost.get("generate_s", 0.0),
+                  "time/tool_wait_s": cost.get("tool_wait_s", 0.0)})
     return rollouts, stats
+
+
+def record_signals(rows, entropy, omega, candidates):
+    """Keep each scored rollout's per-token Eq. 4-5 values for the tree page and the metrics."""
+    z_h, z_omega = zscore(entropy, candidates), zscore(omega, candidates)
+    bs = branching_score(entropy, omega, candidates)
+    for j, r in enumerate(rows):
+        n = len(r.tokens)
+        r.signals = {"omega": omega[j, :n].tolist(), "z_h": z_h[j, :n].tolist(), "z_omega": z_omega[j, :n].tolist(),
+                     "bs": bs[j, :n].tolist(), "candidate": candidates[j, :n].int().tolist()}
 
 
 def sampling_of(cfg, greedy=False):
@@ -1150,14 +1280,23 @@ def rollout_advantages(rollouts, cfg):
     is_branch = torch.tensor([r.parent >= 0 for r in rollouts])
     if cfg.algo != "appo":
         adv = dual_group_advantages(R, prompt, torch.zeros_like(is_branch))
-        return rollouts, [torch.full((len(r.tokens),), float(a)) for r, a in zip(rollouts, adv)]
+        rows = [torch.full((len(r.tokens),), float(a)) for r, a in zip(rollouts, adv)]
+        for r, a in zip(rollouts, rows):
+            r.adv = a.tolist()
+        return rollouts, rows
     adv = dual_group_advantages(R, prompt, is_branch if cfg.dual_group else torch.zeros_like(is_branch))
     root = torch.tensor([r.root for r in rollouts])
     fork = torch.tensor([r.root_fork for r in rollouts])
     T = max(max(len(r.tokens) for r in rollouts), 1)
     per_token = prefix_advantages(adv, root, fork, is_branch, T)              # (N_init, T)
     train = [r for r in rollouts if r.parent < 0]                             # initial rollouts come first
-    return train, [per_token[i, :len(r.tokens)] for i, r in enumerate(train)]
+    rows = [per_token[i, :len(r.tokens)] for i, r in enumerate(train)]
+    for r, a in zip(train, rows):
+        r.adv = a.tolist()
+    for r, a in zip(rollouts, adv.tolist()):
+        if r.parent >= 0:
+            r.adv = [a] * len(r.tokens)                                       # branches: their own A_b
+    return train, rows
 
 
 def ppo_update(model, optimizer, train, advs, ref_logps, cfg, pad_id):
@@ -1213,170 +1352,90 @@ def ppo_update(model, optimizer, train, advs, ref_logps, cfg, pad_id):
 
 
 # ---------------------------------------------------------------------------------------------
-# The embedded default: a toy tool world small enough to learn on a laptop CPU
+# Cold-start SFT (the paper's first stage): traces with the tag protocol inline
 # ---------------------------------------------------------------------------------------------
-def toy_world(cfg):
-    """Fictional facts and questions that need a tool: arithmetic a 0.9M-parameter model cannot do
-    in its head (python), and one- and two-hop questions about invented people and companies
-    (search over a generated corpus). Both splits are half math, half search; no test question is
-    a train question, but people and companies are shared, so every name is a token the model has
-    seen (a never-trained embedding cannot be copied). Returns (train, test, corpus): examples {question, answer: [aliases], kind}
-    and passages."""
-    rng = random.Random(cfg.seed)
-    syllables = "ka lo ve ri ta mon zu bel dra fi ne os pra ul gar min so vik al dun pe tor".split()
-    used = set()
-
-    def name(parts, suffix=""):
-        while (n := "".join(rng.choice(syllables) for _ in range(parts)).capitalize() + suffix) in used:
-            pass
-        used.add(n)
-        return n
-
-    cities = [name(3) for _ in range(40)]
-    people = [name(3) for _ in range(600)]
-    born = {p: rng.choice(cities) for p in people}
-    mentor = {p: rng.choice([q for q in people if q != p]) for p in people}
-    companies = [name(2) for _ in range(300)]
-    founder = {c: rng.choice(people) for c in companies}
-    based = {c: rng.choice(cities) for c in companies}
-    corpus = [{"id": str(i), "contents": f'"{p}"\n{p} was born in {born[p]}. {p} was mentored by {mentor[p]}.'}
-              for i, p in enumerate(people)]
-    corpus += [{"id": str(len(people) + i), "contents": f'"{c}"\n{c} is a company based in {based[c]}. '
-                f'It was founded by {founder[c]}.'} for i, c in enumerate(companies)]
-    ##### every possible search question (1,200), and as many distinct arithmetic ones as needed #####
-    qa = [{"question": f"Where was {p} born?", "answer": [born[p]], "kind": "qa", "hops": [p],
-           "shortcut": rng.choice([c for c in cities if c != born[p]])} for p in people]
-    for c in companies:   # two hops; the shortcut is what the first hop shows
-        p = founder[c]
-        qa.append({"question": f"Where was the founder of {c} born?", "answer": [born[p]], "kind": "qa",
-                   "hops": [c, p], "shortcut": based[c]})
-        qa.append({"question": f"Who mentored the founder of {c}?", "answer": [mentor[p]], "kind": "qa",
-                   "hops": [c, p], "shortcut": p})
-    math, seen = [], set()
-    while len(math) < (cfg.toy_train_size + cfg.toy_test_size + 1) // 2:
-        a, b, c = rng.randint(10, 99), rng.randint(2, 9), rng.randint(11, 99)   # results < 1000: one token each
-        if rng.random() < 0.4:
-            q, code, gold = f"What is {a} * {b}?", f"{a} * {b}", a * b
-        else:
-            q, code, gold = f"What is {a} + {b} * {c}?", f"{a} + {b} * {c}", a + b * c
-        if q not in seen:
-            seen.add(q)
-            math.append({"question": q, "answer": [str(gold)], "kind": "math", "code": code})
-    rng.shuffle(qa)
-    ##### half math, half search in both splits; no test question is a train question #####
-    n_test, n_train = cfg.toy_test_size // 2, cfg.toy_train_size // 2
-    if n_test + n_train > len(qa):
-        raise ValueError(f"the toy world has {len(qa)} search questions; toy_train_size + toy_test_size "
-                         f"may use at most {2 * len(qa)}")
-    test = qa[:n_test] + math[:cfg.toy_test_size - n_test]
-    train = qa[n_test:n_test + n_train] + math[cfg.toy_test_size - n_test:][:cfg.toy_train_size - n_train]
-    rng.shuffle(train)
-    rng.shuffle(test)
-    return train, test, corpus
+_RESULT_SPAN = re.compile(r" <result>\n.*?\n</result>", re.DOTALL)
 
 
-def toy_trace(ex, search, rng, guess_rate):
-    """A cold-start SFT trace as (text, is_tool_result) segments. With probability `guess_rate` the
-    'teacher' skips the tool (math) or the second hop (search) and answers wrong, as weak distilled
-    data does; RL has to find out that the tools pay."""
-    gold = ex["answer"][0]
-    box = lambda a: f" <answer>\\boxed{{{a}}}</answer>"
-    guess = rng.random() < guess_rate
-    if ex["kind"] == "math":
-        if guess:
-            return [(box(int(gold) + rng.choice([-1, 1]) * rng.randint(1, 400))[1:], False)]
-        return [(f"<python>print({ex['code']})</python>", False),
-                (tools.format_result(gold), True), (box(gold), False)]          # what print() shows
-    if guess:   # one hop short: answer with what the first passage says (or a random city)
-        hops = ex["hops"][:-1]
-    segments = []
-    for k, hop in enumerate(hops if guess else ex["hops"]):
-        segments += [(f"<search>{hop}</search>" if k == 0 else f" <search>{hop}</search>", False),
-                     (tools.format_result(search(hop)), True)]
-    if guess:
-        return segments + [(box(ex["shortcut"]) if segments else box(ex["shortcut"])[1:], False)]
-    return segments + [(box(gold), False)]
+def trace_segments(response):
+    """An SFT response -> [(text, is_tool_result)], split at its ` <result>\n...\n</result>` spans
+    (exactly what the agent loop appends after a call, so tokens split the same way as in RL).
+    Example: "<python>print(1)</python> <result>\n1\n</result> <answer>\\boxed{1}</answer>"
+             -> [("<python>print(1)</python>", False), (" <result>\n1\n</result>", True),
+                 (" <answer>\\boxed{1}</answer>", False)].
+    """
+    parts, pos = [], 0
+    for m in _RESULT_SPAN.finditer(response):
+        parts += [(response[pos:m.start()], False), (m.group(0), True)]
+        pos = m.end()
+    parts.append((response[pos:], False))
+    return [(text, is_result) for text, is_result in parts if text]
 
 
-def build_toy(cfg):
-    """World, tokenizer, tiny model and cold-start SFT, each cached in out_dir. -> (sft model path,
-    train, test)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    world = os.path.join(cfg.out_dir, "world")
-    paths = {k: os.path.join(world, f"{k}.jsonl") for k in ("train", "test", "corpus")}
-    if not all(os.path.exists(p) for p in paths.values()):
-        train, test, corpus = toy_world(cfg)
-        os.makedirs(world, exist_ok=True)
-        for k, rows in zip(("train", "test", "corpus"), (train, test, corpus)):
-            write_jsonl(paths[k], rows)
-    train, test = read_jsonl(paths["train"]), read_jsonl(paths["test"])
-    cfg.search_corpus = cfg.search_corpus or paths["corpus"]
-    cfg.system_prompt = "Use <python> or <search> if needed. End with <answer> \\boxed{} </answer>."
-    sft_dir = os.path.join(cfg.out_dir, "sft")
-    if os.path.exists(os.path.join(sft_dir, "config.json")):
-        return sft_dir, train, test
-    search = make_search(cfg)
-    rng = random.Random(cfg.seed)
-    math = [ex for ex in train if ex["kind"] == "math"]
-    for ex in math[:4]:   # the python tool prints exactly the gold answer; check, then skip 1,000 subprocesses
-        assert tools.python_tool(f"print({ex['code']})") == ex["answer"][0], ex
-    traces = [(ex, toy_trace(ex, search, rng, cfg.toy_guess_rate)) for ex in train]
-    ##### tokenizer: byte-level BPE where spaces and punctuation stand alone and every name and every
-    ##### number below 1000 is one token, the same in the question, the passage and the answer, so a
-    ##### tiny model only has to copy single tokens
-    init_dir = os.path.join(cfg.out_dir, "init")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\s"), "isolated"), pre_tokenizers.Punctuation("isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    texts = [build_prompt_text(ex["question"], cfg.system_prompt) + "".join(s for s, _ in tr) for ex, tr in traces]
-    texts += [p["contents"] for p in read_jsonl(paths["corpus"])] + [" ".join(map(str, range(1000)))] * 2
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=4096, special_tokens=["<|pad|>", "<|eos|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>")
-    ##### a tiny Llama-architecture model, saved and loaded back like any Hub model. Not Qwen2:
-    ##### transformers 5 swaps in Qwen2's own tokenizer for a qwen2 config, dropping ours #####
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344,
-                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=1024, tie_word_embeddings=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(cfg.seed)
-    LlamaForCausalLM(config).save_pretrained(init_dir)
-    tokenizer.save_pretrained(init_dir)
-    model, tokenizer = load_model(init_dir, cfg)
-    if tokenizer.tokenize("714") != ["714"]:
-        raise RuntimeError(f"the toy tokenizer did not load back intact from {init_dir} ({type(tokenizer).__name__})")
-    ##### cold-start SFT on the traces; loss only on the model's own tokens (m_t = 1) #####
-    rows = []
-    for ex, trace in traces:
-        r = Rollout(example=0, prompt=build_prompt(tokenizer, ex["question"], ex["kind"], cfg.system_prompt))
-        for text, is_result in trace:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            r.tokens += ids
-            r.mask += [0 if is_result else 1] * len(ids)
-        r.tokens.append(tokenizer.eos_token_id)
-        r.mask.append(1)
-        rows.append(r)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))   # warm-up, then flat
+def sft_rollout(tokenizer, prompt, response):
+    """One SFT example as a Rollout: the response's own text is m_t = 1 (trained), its tool results
+    m_t = 0, and EOS closes the turn. Each segment is tokenised alone, as the agent loop does."""
+    r = Rollout(example=0, prompt=prompt)
+    for text, is_result in trace_segments(response):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        r.tokens += ids
+        r.mask += [0 if is_result else 1] * len(ids)
+    r.tokens.append(tokenizer.eos_token_id)
+    r.mask.append(1)
+    return r
+
+
+def sft(model, rows, *, steps, batch_size, lr, warmup, seed, pad_id, dtype="float32", desc="sft"):
+    """Cold-start SFT: next-token loss on the m_t = 1 tokens of `rows` (Rollouts), mean over tokens.
+
+    AdamW (betas 0.9 / 0.95), linear warm-up for `warmup` steps, then cosine decay to 10 % of lr;
+    batches drawn with a seeded generator. Returns the per-step losses."""
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    shape = lambda s: min(1.0, (s + 1) / max(warmup, 1)) * (0.55 + 0.45 * math.cos(math.pi * s / max(steps, 1)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, shape)
     model.train()
-    bar = progress(range(cfg.sft_steps), desc="sft")
-    for step in bar:
-        batch = rng.sample(rows, cfg.sft_batch_size)
-        logp, _, mask = response_logprobs(model, batch, 1.0, tokenizer.pad_token_id)
+    losses, bar = [], progress(range(steps), desc=desc)
+    for _ in bar:
+        batch = rng.sample(rows, min(batch_size, len(rows)))
+        with autocast(device, dtype):
+            logp, _, mask = response_logprobs(model, batch, 1.0, pad_id)
         loss = -(logp * mask).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+def build_toy(cfg):
+    """The embedded default (toy.py): world, tokenizer, tiny model and cold-start SFT, each cached
+    in out_dir. -> (SFT checkpoint dir, splits {sft, rl, val, test})."""
+    import toy
+    sizes = {"test": cfg.toy_test_size, "val": cfg.toy_val_size, "rl": cfg.toy_rl_size, "sft": cfg.toy_sft_size}
+    splits, corpus, init = toy.build(
+        cfg.toy_dir or cfg.out_dir, cfg.seed, sizes, cfg.toy_wrong_rate, cfg.toy_error_rate, cfg.toy_hidden, cfg.toy_layers,
+        cfg.toy_heads,
+        prompt_text=lambda q: build_prompt_text(q, toy.SYSTEM_PROMPT))
+    cfg.search_corpus = cfg.search_corpus or corpus
+    cfg.system_prompt = toy.SYSTEM_PROMPT
+    sft_dir = os.path.join(cfg.toy_dir or cfg.out_dir, "sft")
+    if os.path.exists(os.path.join(sft_dir, "config.json")):
+        return sft_dir, splits
+    model, tokenizer = load_model(init, cfg)
+    if tokenizer.tokenize("Kalove 714") != ["Ka", "lo", "ve", " ", "7", "1", "4"]:
+        raise RuntimeError(f"the toy tokenizer did not load back intact from {init} ({type(tokenizer).__name__})")
+    rows = [sft_rollout(tokenizer, build_prompt(tokenizer, ex["question"], ex["kind"], cfg.system_prompt),
+                        ex["response"]) for ex in splits["sft"]]
+    sft(model, rows, steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, warmup=cfg.sft_warmup,
+        seed=cfg.seed, pad_id=tokenizer.pad_token_id, dtype=cfg.dtype)
     save_hf(model, tokenizer, sft_dir)
-    return sft_dir, train, test
+    return sft_dir, splits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1505,7 +1564,8 @@ def load_examples(path):
         golds = [str(g) for g in gold] if isinstance(gold, (list, tuple)) else [str(gold)]
         if gold is None or not golds or not all(g.strip() for g in golds):
             raise DataError(f"{where}: the answer must be a non-empty string, number or list of them")
-        out.append({"question": question, "answer": golds, "kind": kind, "messages": messages})
+        out.append({"question": question, "answer": golds, "kind": kind, "messages": messages,
+                    **({"type": str(row["type"])} if row.get("type") else {})})   # reported per type
     if not out:
         raise DataError(f"{path}: no rows")
     return out
@@ -1554,23 +1614,52 @@ def seed_everything(seed):
         pass
 
 
-def evaluate(model, tokenizer, examples, cfg, run_tools, desc="eval"):
-    """Greedy pass@1 of the tool agent on `examples` -> (mean score, mean tool calls)."""
+def answer_metrics(examples, rollouts, k=1):
+    """Metrics of answers: rollouts[i * k + j] is sample j for examples[i]. Per question type
+    (the toy's `type`, else math / qa): accuracy (mean score), tool calls per answer; the share of
+    bad formats by cause (truncated, no_answer, unbalanced_tags); tokens the model generated per
+    answer; with k > 1, pass@k (a question counts when any sample scores >= 1)."""
+    out, by_type = {}, {}
+    for i, ex in enumerate(examples):
+        by_type.setdefault(ex.get("type", ex["kind"]), []).append(i)
+    for r in rollouts:
+        ex = examples[r.example]
+        res = compute_reward(r.text, ex["answer"], ex["kind"])
+        r.reward, r.score, r.format_ok = res["reward"], res["score"], res["format_ok"]
+        r.format_error = "truncated" if r.truncated and not r.format_ok else res["format_error"]
+    mean = lambda xs: sum(xs) / max(len(xs), 1)
+    out["acc"] = mean([r.score for r in rollouts])
+    for t, idx in sorted(by_type.items()):
+        mine = [rollouts[i * k + j] for i in idx for j in range(k)]
+        out[f"acc/{t}"] = mean([r.score for r in mine])
+        out[f"tool_calls/{t}"] = mean([r.tool_calls for r in mine])
+        if k > 1:
+            out[f"pass@{k}/{t}"] = mean([any(rollouts[i * k + j].score >= 1 for j in range(k)) for i in idx])
+    if k > 1:
+        out[f"pass@{k}"] = mean([any(rollouts[i * k + j].score >= 1 for j in range(k)) for i in range(len(examples))])
+    for cause in ("truncated", "no_answer", "unbalanced_tags"):
+        out[f"bad_format/{cause}"] = mean([r.format_error == cause for r in rollouts])
+    out["tokens/answer"] = mean([sum(r.mask) for r in rollouts])
+    return out
+
+
+def evaluate(model, tokenizer, examples, cfg, call_tool, desc="eval", samples=1):
+    """The tool agent on `examples` -> answer_metrics: greedy (samples=1, pass@1) or `samples`
+    answers per question at the training temperature (pass@k)."""
     model.eval()
-    scores, calls = [], []
-    bar = progress(total=len(examples), desc=desc)
-    sampling, device = sampling_of(cfg, greedy=True), next(model.parameters()).device
-    for i in range(0, len(examples), cfg.gen_batch_size):
-        chunk = examples[i:i + cfg.gen_batch_size]
+    sampling = sampling_of(cfg, greedy=samples == 1)
+    device = next(model.parameters()).device
+    prompts = [example_prompt(tokenizer, e, cfg) for e in examples for _ in range(samples)]
+    rollouts, bar = [], progress(total=len(prompts), desc=desc)
+    for i in range(0, len(prompts), cfg.gen_batch_size):
         with autocast(device, cfg.dtype):
-            rollouts = run_agent(model, tokenizer, [example_prompt(tokenizer, e, cfg) for e in chunk],
-                                 sampling, run_tools)
-        for e, r in zip(chunk, rollouts):
-            scores.append(compute_reward(r.text, e["answer"], e["kind"])["score"])
-            calls.append(r.tool_calls)
-        bar.update(len(chunk))
+            part = run_agent(model, tokenizer, prompts[i:i + cfg.gen_batch_size], sampling, call_tool)
+        for j, r in enumerate(part):
+            r.example = (i + j) // samples
+        rollouts += part
+        bar.update(len(part))
     bar.close()
-    return sum(scores) / max(len(scores), 1), sum(calls) / max(len(calls), 1)
+    return answer_metrics(examples, rollouts, samples)
 
 
 def frozen_copy(model):
@@ -1597,53 +1686,134 @@ def set_rng_state(state):
 # ---------------------------------------------------------------------------------------------
 # main: the algorithm box of the paper
 # ---------------------------------------------------------------------------------------------
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    t_start = time.time()
-    seed_everything(cfg.seed)
-    try:                                                        # every data row checked before any work
-        train = load_examples(cfg.train_data) if cfg.train_data else None
-        test = load_examples(cfg.test_data) if cfg.test_data else None
+def load_data(cfg):
+    """-> (model to start from, train, val, test). Data rows are checked before any work; without
+    --model the toy world is built (cached under toy_dir) and its splits are used."""
+    try:
+        train, val, test = (load_examples(p) if p else None for p in (cfg.train_data, cfg.val_data, cfg.test_data))
     except DataError as e:
         stop("appo.py", str(e))
     os.makedirs(cfg.out_dir, exist_ok=True)
     model_path = cfg.model
     if not cfg.model:                                           # embedded default: the toy world
-        model_path, toy_train, toy_test = build_toy(cfg)
-        train, test = train or toy_train, test or toy_test
+        model_path, splits = build_toy(cfg)
+        train, val, test = train or splits["rl"], val or splits["val"], test or splits["test"]
     test = (test or [])[:cfg.eval_limit] if cfg.eval_limit else (test or [])
+    return model_path, train, val or [], test
+
+
+def step_metrics(step, batch, rollouts, tree, update, seconds):
+    """One line of metrics.jsonl: reward and its parts, accuracy / tool calls / bad formats by
+    question type, the tree, what the step cost, the update. Names are namespaced."""
+    mean = lambda xs: sum(xs) / max(len(xs), 1)
+    by_type = {}
+    for r in rollouts:
+        by_type.setdefault(batch[r.example].get("type", batch[r.example]["kind"]), []).append(r)
+    sampled = [h for r in rollouts for h, m in zip(r.entropy[r.fork:], r.mask[r.fork:]) if m]
+    m = {"step": step, "reward/mean": mean([r.reward for r in rollouts]),
+         "reward/score": mean([r.score for r in rollouts]),
+         "reward/format_ok": mean([r.format_ok for r in rollouts]),
+         "acc/initial": mean([r.score for r in rollouts if r.parent < 0])}
+    m.update({f"acc/{t}": mean([r.score for r in rs]) for t, rs in sorted(by_type.items())})
+    m.update({f"tools/calls_{t}": mean([r.tool_calls for r in rs]) for t, rs in sorted(by_type.items())})
+    for cause in ("truncated", "no_answer", "unbalanced_tags"):
+        m[f"format/{cause}"] = mean([r.format_error == cause for r in rollouts])
+    m.update({"tree/rollouts": len(rollouts), "tree/branches": sum(r.parent >= 0 for r in rollouts),
+              **tree,
+              "cost/tokens_generated": sum(sum(r.mask[r.fork:]) for r in rollouts),
+              "cost/tool_calls": sum(sum(1 for c in r.calls if c[2] > r.fork) for r in rollouts),
+              "policy/entropy": mean(sampled), **update,
+              **{f"time/{k}_s": round(v, 3) for k, v in seconds.items()}})
+    return m
+
+
+def rollout_record(r, index, texts):
+    """One rollout for the tree page: its tokens as text and every per-token signal (report.py)."""
+    sig = r.signals
+    return {"id": index[id(r)], "parent": index.get(r.parent, -1), "root": index.get(r.root, -1), "fork": r.fork,
+            "branch_pos": r.branch_pos, "tokens": [texts[t] if t < len(texts) else "" for t in r.tokens],
+            "mask": r.mask, "entropy": r.entropy, "omega": sig.get("omega"), "z_h": sig.get("z_h"),
+            "z_omega": sig.get("z_omega"), "bs": sig.get("bs"), "candidate": sig.get("candidate"),
+            "adv": r.adv or None, "branch_points": r.branch_points, "reward": r.reward, "score": r.score,
+            "format_ok": r.format_ok, "tool_calls": r.tool_calls, "truncated": r.truncated, "trained": bool(r.adv)}
+
+
+def step_record(step, cfg, batch, rollouts, texts, n_prompts):
+    """The data of one step's tree page: the first n_prompts prompts with all their rollouts."""
+    prompts = []
+    for e in range(min(n_prompts, len(batch))):
+        mine = [(i, r) for i, r in enumerate(rollouts) if r.example == e]
+        index = {i: k for k, (i, _) in enumerate(mine)} | {id(r): k for k, (_, r) in enumerate(mine)}
+        prompts.append({"question": batch[e]["question"], "answer": batch[e]["answer"], "kind": batch[e]["kind"],
+                        "rollouts": [rollout_record(r, index, texts) for _, r in mine]})
+    return {"step": step, "algo": cfg.algo, "run": cfg.out_dir, "prompts": prompts}
+
+
+def make_reporter(cfg):
+    """Optional mirrors of metrics.jsonl: TensorBoard or Weights & Biases -> log(metrics) or None."""
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+        return lambda m: [writer.add_scalar(k, v, m["step"]) for k, v in m.items()
+                          if k != "step" and isinstance(v, (int, float))] and writer.flush()
+    if cfg.report_to == "wandb":
+        import wandb
+        run = wandb.init(project="appo", dir=cfg.out_dir, config=dataclasses.asdict(cfg))
+        return lambda m: run.log(m, step=m["step"])
+    return None
+
+
+def print_step(m, steps):
+    print(f"step {m['step']}/{steps} reward {m['reward/mean']:+.3f} score {m['reward/score']:.3f} "
+          f"bad {1 - m['reward/format_ok']:.2f} branches {m['tree/branches']} "
+          f"degenerate {m['tree/omega_degenerate']} tokens {m['cost/tokens_generated']} "
+          f"loss {m.get('loss/loss', float('nan')):+.4f} clip {m.get('loss/clipfrac', 0):.3f} "
+          f"kl {m.get('loss/approx_kl', 0):.4f} t {m['time/rollout_s']:.1f}+{m['time/update_s']:.1f}s",
+          flush=True)
+
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    seed_everything(cfg.seed)
+    t_start = time.time()
+    model_path, train, val, test = load_data(cfg)
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
     ckpt = find_checkpoint(ckpt_dir) if cfg.resume else None
     model, tokenizer = load_model(ckpt or model_path, cfg)
+    seed_everything(cfg.seed)                                   # RL draws the same whether or not the toy was just built
     device = next(model.parameters()).device
-    run_tools = functools.partial(tools.run_tool_calls, search=make_search(cfg), timeout=cfg.tool_timeout)
+    call_tool = functools.partial(tools.call_tool, search=make_search(cfg), timeout=cfg.tool_timeout)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     ref = frozen_copy(load_model(model_path, cfg)[0]) if cfg.kl_coef > 0 or cfg.omega_anchor == "ref" else None
     anchor = {"prev": frozen_copy(model), "ref": ref, "sampler": None}[cfg.omega_anchor]   # pi_anchor of Eq. 4
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    content_ids = content_token_mask(tokenizer)
+    content_ids, texts = content_token_mask(tokenizer), token_texts(tokenizer)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    start, acc_before = 0, None
+    reporter = make_reporter(cfg)
+    start, before = 0, None
     if ckpt:
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         if state.get("anchor") is not None and cfg.omega_anchor == "prev":
             anchor.load_state_dict(state["anchor"])
-        start, acc_before = state["step"], state["test_acc_before"]
+        start, before = state["step"], state["before"]
         set_rng_state(state["rng"])
         kept = [m for m in read_jsonl(metrics_path) if m["step"] <= start] if os.path.exists(metrics_path) else []
         write_jsonl(metrics_path, kept)                         # drop steps logged after the checkpoint
         print(f"resumed from {ckpt} at step {start}")
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)
-    if acc_before is None and test:
-        acc_before, calls_before = evaluate(model, tokenizer, test, cfg, run_tools, desc="eval before RL")
-        print(f"held-out accuracy before RL: {acc_before:.3f} ({calls_before:.2f} tool calls/question)")
+    if before is None:                                          # the SFT checkpoint, measured once
+        before = {"test": evaluate(model, tokenizer, test, cfg, call_tool, "test, before RL") if test else {},
+                  "val": evaluate(model, tokenizer, val, cfg, call_tool, f"val pass@{cfg.pass_k}", cfg.pass_k)
+                  if val and cfg.pass_k > 1 else {}}
+        print(f"before RL: test accuracy {before['test'].get('acc', float('nan')):.3f}, "
+              f"val pass@{cfg.pass_k} {before['val'].get(f'pass@{cfg.pass_k}', float('nan')):.3f}")
 
     def checkpoint(step):
         save_hf(model, tokenizer, ckpt_dir, extra={
-            "step": step, "optimizer": optimizer.state_dict(), "test_acc_before": acc_before,
+            "step": step, "optimizer": optimizer.state_dict(), "before": before,
             "anchor": anchor.state_dict() if cfg.omega_anchor == "prev" else None, "rng": rng_state()})
 
     for step in range(start + 1, cfg.steps + 1):
@@ -1654,11 +1824,10 @@ def main(argv=None):
         t0 = time.time()
         model.eval()
         with autocast(device, cfg.dtype):
-            rollouts, stats = expand_tree(model, anchor, tokenizer, prompts, cfg, run_tools, content_ids)
+            rollouts, tree = expand_tree(model, anchor, tokenizer, prompts, cfg, call_tool, content_ids)
         ##### reward #####
-        for r in rollouts:
-            res = compute_reward(r.text, batch[r.example]["answer"], batch[r.example]["kind"])
-            r.reward, r.score, r.format_ok = res["reward"], res["score"], res["format_ok"]
+        t1 = time.time()
+        answer_metrics(batch, rollouts)                         # sets reward, score, format_ok / _error
         ##### advantages (Eq. 6) #####
         train_rows, advs = rollout_advantages(rollouts, cfg)
         ref_logps = None
@@ -1666,49 +1835,56 @@ def main(argv=None):
             with on_device(ref, device), autocast(device, cfg.dtype):
                 ref_logps = score_rollouts(ref, train_rows, cfg.temperature, tokenizer.pad_token_id,
                                            cfg.micro_batch_size, cfg.logit_chunk)
-        t1 = time.time()
         ##### update (Eqs. 7-8) #####
+        t2 = time.time()
         if cfg.omega_anchor == "prev":                          # next step's anchor: weights before this update
             anchor.load_state_dict(model.state_dict())
         model.train()
-        upd = ppo_update(model, optimizer, train_rows, advs, ref_logps, cfg, tokenizer.pad_token_id)
+        update = ppo_update(model, optimizer, train_rows, advs, ref_logps, cfg, tokenizer.pad_token_id)
         model.eval()
         ##### log / checkpoint #####
-        init = [r for r in rollouts if r.parent < 0]
-        new_tokens = sum(sum(r.mask[r.fork:]) for r in rollouts)
-        new_calls = sum(sum(1 for c in r.calls if c[2] > r.fork) for r in rollouts)
-        sampled = [h for r in rollouts for h, m in zip(r.entropy[r.fork:], r.mask[r.fork:]) if m]
-        m = {"step": step, "reward/mean": sum(r.reward for r in rollouts) / len(rollouts),
-             "acc/mean": sum(r.score for r in rollouts) / len(rollouts),
-             "acc/initial": sum(r.score for r in init) / len(init),
-             "format/bad_frac": sum(not r.format_ok for r in rollouts) / len(rollouts),
-             "rollouts": len(rollouts), "branches": sum(r.parent >= 0 for r in rollouts),
-             "tokens/generated": new_tokens, "tool_calls": new_calls,
-             "policy/entropy": sum(sampled) / max(len(sampled), 1),
-             "time/rollout_s": t1 - t0, "time/update_s": time.time() - t1, **stats, **upd}
+        m = step_metrics(step, batch, rollouts, tree, update,
+                         {"rollout": t1 - t0, "reward": t2 - t1, "update": time.time() - t2})
+        m.update(report.fork_statistics([rollout_record(r, {id(r): 0}, texts) for r in rollouts]))
         with open(metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
-        print(f"step {step}/{cfg.steps} reward {m['reward/mean']:+.3f} acc {m['acc/mean']:.3f} "
-              f"bad {m['format/bad_frac']:.2f} rollouts {m['rollouts']} branches {m['branches']} "
-              f"degenerate {m['branch/omega_degenerate']} calls {new_calls} "
-              f"loss {m.get('loss/loss', float('nan')):+.4f} clip {m.get('loss/clipfrac', 0):.3f} "
-              f"kl {m.get('loss/approx_kl', 0):.4f} t {m['time/rollout_s']:.1f}+{m['time/update_s']:.1f}s",
-              flush=True)
+        print_step(m, cfg.steps)
+        if reporter:
+            reporter(m)
+        if cfg.tree_every and (step % cfg.tree_every == 0 or step == cfg.steps):
+            record = step_record(step, cfg, batch, rollouts, texts, cfg.tree_prompts)
+            with open(os.path.join(cfg.out_dir, f"tree_step{step}.json"), "w") as f:
+                json.dump(record, f)
+            report.write_tree_page(record, os.path.join(cfg.out_dir, f"tree_step{step}.html"))
         if step % cfg.save_every == 0 or step == cfg.steps:
             checkpoint(step)
+            report.plot_curves(read_jsonl(metrics_path), os.path.join(cfg.out_dir, "curves.png"))
+            report.write_index(cfg.out_dir)
     ##### final evaluation #####
     save_hf(model, tokenizer, os.path.join(cfg.out_dir, "final"))
-    acc_after = calls_after = None
-    if test:
-        acc_after, calls_after = evaluate(model, tokenizer, test, cfg, run_tools, desc="eval after RL")
-        print(f"held-out accuracy: before RL {acc_before:.3f}, after RL {acc_after:.3f} "
-              f"({calls_after:.2f} tool calls/question)")
-    summary = {"algo": cfg.algo, "steps": cfg.steps, "seed": cfg.seed, "test_acc_before": acc_before,
-               "test_acc_after": acc_after, "test_tool_calls_after": calls_after,
-               "test_questions": len(test), "wall_s": round(time.time() - t_start, 1)}
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps(summary))
+    after = evaluate(model, tokenizer, test, cfg, call_tool, "test, after RL") if test else {}
+    return write_summary(cfg, before, after, metrics_path, time.time() - t_start)
+
+
+def write_summary(cfg, before, after, metrics_path, wall_s):
+    """summary.json: what the run measured, identical for the same command and seed on one machine
+    (timings go to timing.json, the one thing that differs between two runs)."""
+    rows = read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
+    mean = lambda k: round(sum(m[k] for m in rows) / len(rows), 4) if rows else None
+    summary = {"algo": cfg.algo, "seed": cfg.seed, "steps": cfg.steps, "before_rl": before, "after_rl": after,
+               "gain": {k: round(after[k] - before["test"][k], 4) for k in after if k.startswith("acc")},
+               "rl": {"tokens_generated_per_step": mean("cost/tokens_generated"),
+                      "tool_calls_per_step": mean("cost/tool_calls"), "grad_norm": mean("update/grad_norm"),
+                      "skipped_nonfinite": sum(m["update/skipped_nonfinite"] for m in rows)}}
+    timing = {"wall_s": round(wall_s, 1), **{k: round(sum(m[k] for m in rows), 1)
+                                             for k in (rows[0] if rows else {}) if k.startswith("time/")}}
+    for name, obj in (("summary.json", summary), ("timing.json", timing)):
+        with open(os.path.join(cfg.out_dir, name), "w") as f:
+            json.dump(obj, f, indent=2)
+    if after:
+        kinds = ", ".join(f"{k[4:]} {before['test'][k]:.2f} -> {after[k]:.2f}" for k in after if k.startswith("acc/"))
+        print(f"held-out accuracy: before RL {before['test']['acc']:.3f}, after RL {after['acc']:.3f} ({kinds})")
+    print(json.dumps(timing))
     return summary
 
 

@@ -453,14 +453,14 @@ def make_generate(model, tokenizer, cfg, greedy):
     import functools
     import appo
     import tools
-    run_tools = functools.partial(tools.run_tool_calls, search=appo.make_search(cfg), timeout=cfg.tool_timeout)
+    call_tool = functools.partial(tools.call_tool, search=appo.make_search(cfg), timeout=cfg.tool_timeout)
     sampling = appo.sampling_of(cfg, greedy=greedy)
     device = next(model.parameters()).device
 
     def generate(questions, kinds):
         prompts = [appo.build_prompt(tokenizer, q, k, cfg.system_prompt) for q, k in zip(questions, kinds)]
         with appo.autocast(device, cfg.dtype):
-            return appo.run_agent(model, tokenizer, prompts, sampling, run_tools)
+            return appo.run_agent(model, tokenizer, prompts, sampling, call_tool)
     return generate
 
 

@@ -1,11 +1,13 @@
 """Tests for appo.py, tools.py and eval.py: unit tests of the pure functions against hand-computed
 values, real subprocesses and a loopback HTTP server for the tools, and subprocess smoke runs of
 appo.py at tiny budgets. Run: python -m pytest -q test_appo.py (no network, no ../shared needed)."""
+from html.parser import HTMLParser
 from types import SimpleNamespace
 import http.server
 import json
 import math
 import os
+import random
 import resource
 import signal
 import socket
@@ -37,6 +39,7 @@ from appo import (
 from appo import compute_reward, extract_answer, format_ok, math_equal, token_f1
 import appo
 import eval as ev
+import report
 
 
 # ===============================================================================================
@@ -705,7 +708,7 @@ def test_reward_format_ok():
 
 def test_reward_compute_reward():
     r = compute_reward("<answer>\\boxed{4}</answer>", ["4"], "math")
-    assert r == {"reward": 1.0, "format_ok": True, "score": 1.0, "answer": "4"}
+    assert r == {"reward": 1.0, "format_ok": True, "format_error": None, "score": 1.0, "answer": "4"}
     r = compute_reward("<answer>\\boxed{5}</answer>", ["4", "four"], "math")
     assert r["reward"] == 0.0 and r["format_ok"]
     r = compute_reward("<answer>\\boxed{New York City}</answer>", ["NYC", "New York"], "qa")
@@ -713,8 +716,9 @@ def test_reward_compute_reward():
     # invalid format: reward -1, the score still reports the answer's correctness
     r = compute_reward("<python>x <answer>\\boxed{4}</answer>", ["4"], "math")
     assert r["reward"] == -1.0 and not r["format_ok"] and r["score"] == 1.0
+    assert r["format_error"] == "unbalanced_tags"
     r = compute_reward("no answer", ["4"], "qa")
-    assert r == {"reward": -1.0, "format_ok": False, "score": 0.0, "answer": None}
+    assert r == {"reward": -1.0, "format_ok": False, "format_error": "no_answer", "score": 0.0, "answer": None}
     with pytest.raises(ValueError):
         compute_reward("x", ["4"], "other")
 
@@ -724,7 +728,7 @@ def test_reward_compute_reward():
 # ===============================================================================================
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRACE = "<python>print(6*7)</python> <result>\n42\n</result> <answer>\\boxed{42}</answer>"
-run_python = lambda calls: run_tool_calls(calls, timeout=2.0)            # the agent loop's tools, no search
+run_python = lambda name, payload, history=(): call_tool(name, payload, history=history, timeout=2.0)   # no search
 
 
 def tiny_cfg(**kw):
@@ -952,7 +956,7 @@ def test_core_tree_has_exactly_m_rollouts_with_shared_prefixes(memorized, n_init
         mine = [r for r in rollouts if r.example == e]
         assert len(mine) == group_size and sum(r.parent < 0 for r in mine) == n_initial
     assert rollouts[:2 * n_initial] == [r for r in rollouts if r.parent < 0]   # initial ones first
-    assert stats["branch/scored"] > 0 and stats["branch/omega_degenerate"] < stats["branch/scored"]  # Eq. 5 ran
+    assert stats["tree/scored"] > 0 and stats["tree/omega_degenerate"] < stats["tree/scored"]  # Eq. 5 ran
     for r in rollouts:
         assert len(r.tokens) == len(r.mask) == len(r.logp) == len(r.entropy) and r.done
         if r.parent >= 0:
@@ -969,7 +973,7 @@ def test_core_tree_with_anchor_equal_to_policy_is_degenerate(memorized):
     torch.manual_seed(0)
     _, stats = appo.expand_tree(model, appo.copy.deepcopy(model), tokenizer, [prompt], tiny_cfg(),
                                 run_python, appo.content_token_mask(tokenizer))
-    assert stats["branch/omega_degenerate"] == stats["branch/scored"] > 0   # Omega = 1: entropy fallback
+    assert stats["tree/omega_degenerate"] == stats["tree/scored"] > 0   # Omega = 1: entropy fallback
 
 
 def test_core_grpo_tree_has_no_branches(memorized):
@@ -1114,8 +1118,9 @@ def test_core_user_errors_stop_before_any_work(tmp_path, args, message):
 
 
 ##### subprocess smoke runs of appo.py at tiny budgets #####
-SMOKE = ["--steps=2", "--sft_steps=150", "--temperature=1.0", "--toy_train_size=40", "--toy_test_size=8", "--prompts_per_step=2",
-         "--n_initial=2", "--branch_points=3", "--group_size=8", "--max_response_tokens=64", "--save_every=1"]
+SMOKE = ["--steps=2", "--sft_steps=150", "--temperature=1.0", "--toy_test_size=9", "--toy_val_size=6", "--toy_rl_size=12",
+         "--toy_sft_size=90", "--pass_k=2", "--prompts_per_step=2", "--n_initial=2", "--branch_points=3",
+         "--group_size=8", "--max_response_tokens=96", "--save_every=1", "--tree_every=1"]
 
 
 def run_appo(out_dir, *args, timeout=300):
@@ -1161,18 +1166,38 @@ def test_core_smoke_run_each_algo(toy_cache, tmp_path, algo):
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == [1, 2]
-    for key in ("reward/mean", "acc/mean", "rollouts", "branches", "tokens/generated", "tool_calls",
-                "time/rollout_s", "time/update_s", "branch/omega_degenerate", "update/grad_norm"):
+    assert all(any(k.startswith("acc/") and k != "acc/initial" for k in m) for m in metrics)     # by type
+    assert all(any(k.startswith("tools/calls_") for k in m) for m in metrics)
+    for key in ("reward/mean", "reward/score", "reward/format_ok", "format/truncated", "format/no_answer", "format/unbalanced_tags", "tree/rollouts", "tree/branches",
+                "cost/tokens_generated", "cost/tool_calls", "time/rollout_s", "time/update_s",
+                "tree/omega_degenerate", "update/grad_norm", "policy/entropy", "loss/clipfrac"):
         assert key in metrics[0], key
-    assert all(m["rollouts"] == 16 for m in metrics)                      # M per prompt, every algo
+    assert all(m["tree/rollouts"] == 16 for m in metrics)                 # M per prompt, every algo
     assert all(m["update/optimizer_steps"] == 1 and m["update/skipped_nonfinite"] == 0 for m in metrics)
     if algo == "grpo":
-        assert all(m["branches"] == 0 for m in metrics)
+        assert all(m["tree/branches"] == 0 for m in metrics)
     if algo == "appo":
-        assert all(m["branches"] == 12 for m in metrics)                  # 2 prompts x (8 - 2 initial)
+        assert all(m["tree/branches"] == 12 for m in metrics)             # 2 prompts x (8 - 2 initial)
+        record = json.load(open(out / "tree_step2.json"))                 # the page of the last step
+        html_text = (out / "tree_step2.html").read_text()
+        markers = []
+
+        class Forks(HTMLParser):
+            def handle_starttag(self, tag, attrs):
+                a = dict(attrs)
+                if "fork" in (a.get("class") or "").split() and "data-pos" in a:
+                    markers.append((int(a["data-rollout"]), int(a["data-pos"])))
+        Forks().feed(html_text)
+        per_prompt = [{(r["id"], t) for r in p["rollouts"] for t in r["branch_points"]} for p in record["prompts"]]
+        assert sum(map(len, per_prompt)) == 2 * 6 and len(markers) == 12     # each of 12 branches has its marker
+        assert sorted(markers) == sorted(x for pts in per_prompt for x in pts)
+        assert all(f"reward {r['reward']:.2f}" in html_text for p in record["prompts"] for r in p["rollouts"])
     assert moved_fraction(weights(out / "sft"), weights(out / "final")) > 0.5
     summary = json.load(open(out / "summary.json"))
-    assert summary["algo"] == algo and summary["steps"] == 2 and summary["test_acc_after"] is not None
+    assert summary["algo"] == algo and summary["steps"] == 2 and summary["after_rl"]["acc"] is not None
+    assert {"acc", "pass@2", "bad_format/truncated", "tool_calls/arith"} <= set(summary["before_rl"]["val"])
+    assert summary["gain"]["acc"] == pytest.approx(summary["after_rl"]["acc"] - summary["before_rl"]["test"]["acc"],
+                                                   abs=1e-4)
     assert json.load(open(out / "config.json"))["algo"] == algo
     assert os.path.exists(out / "final" / "config.json") and os.path.exists(out / "ckpt" / "trainer_state.pt")
 
@@ -1213,21 +1238,497 @@ def test_core_kill_and_resume_matches_an_uninterrupted_run(toy_cache, tmp_path):
     assert without_time(metrics) == without_time([json.loads(line) for line in open(straight / "metrics.jsonl")])
     a, b = weights(out / "final"), weights(straight / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    s1, s2 = (json.load(open(d / "summary.json")) for d in (out, straight))
-    assert {k: v for k, v in s1.items() if k != "wall_s"} == {k: v for k, v in s2.items() if k != "wall_s"}
+    assert (out / "summary.json").read_text() == (straight / "summary.json").read_text()
 
 
-def test_core_toy_world_splits():
-    train, test, corpus = appo.toy_world(appo.Config(toy_train_size=400, toy_test_size=60))
-    assert (len(train), len(test), len(corpus)) == (400, 60, 900)
-    assert not {e["question"] for e in train} & {e["question"] for e in test}      # held out
-    assert sum(e["kind"] == "qa" for e in test) == 30 and sum(e["kind"] == "qa" for e in train) == 200
+##### the toy world (toy.py) #####
+def test_toy_world_splits_are_disjoint_and_balanced():
+    import toy
+    questions, corpus = toy.make_world(0)
+    splits = toy.split_world(questions, {"test": 300, "val": 60, "rl": 90, "sft": 120})
+    assert {k: len(v) for k, v in splits.items()} == {"test": 300, "val": 60, "rl": 90, "sft": 120}
+    seen = set()
+    for name, rows in splits.items():
+        qs = {e["question"] for e in rows}
+        assert len(qs) == len(rows) and not qs & seen, name              # no question in two splits
+        seen |= qs
+        assert [sum(e["type"] == t for e in rows) for t in toy.TYPES] == [len(rows) // 3] * 3
     docs = {c["contents"].split("\n")[0].strip('"'): c["contents"] for c in corpus}
-    for e in test:
-        if e["kind"] == "math":
-            assert int(e["answer"][0]) < 1000 and str(eval(e["code"])) == e["answer"][0]
-        else:                                   # the answer is in the passage of the last hop
+    for e in splits["test"]:
+        if e["type"] == "arith":
+            assert 100 <= int(e["answer"][0]) <= 999 and str(eval(e["code"])) == e["answer"][0]
+        else:                                                            # the answer is in the last hop's passage
             assert e["answer"][0] in docs[e["hops"][-1]]
+    assert toy.make_world(0) == (questions, corpus) and toy.make_world(1) != (questions, corpus)
+
+
+def test_toy_tokenizer_is_deterministic_and_names_differ_only_in_their_decision_token():
+    import toy
+    questions, corpus = toy.make_world(0)
+    texts = [p["contents"] for p in corpus] + [e["question"] for t in toy.TYPES for e in questions[t][:50]]
+    a, b = toy.build_tokenizer(texts), toy.build_tokenizer(list(reversed(texts)))
+    assert a.get_vocab() == b.get_vocab()                               # no training, no order dependence
+    text = "What is 41 + 7 * 51?\n<python>print(41 + 7 * 51)</python> <result>\n398\n</result>"
+    assert a.decode(a(text, add_special_tokens=False)["input_ids"]) == text
+    for e in questions["onehop"][:200]:                                 # sibling decoys: same family name
+        subject, decoy = a.tokenize(e["hops"][0]), a.tokenize(e["decoy"])
+        assert len(subject) == len(decoy) == 3 and subject[1:] == decoy[1:] and subject[0] != decoy[0]
+    assert all(len(a.tokenize(e["answer"][0])) == 3 for e in questions["arith"][:200])   # 3 digits
+
+
+def test_toy_teacher_traces_do_the_mechanics_right():
+    """With wrong_rate 0 every trace, run through the real tools, ends in the gold answer; with
+    wrong_rate 1 none does; slips (a syntax error, an empty search) are recovered from."""
+    import random
+    import toy
+    questions, corpus = toy.make_world(0)
+    search = Search(corpus=corpus, topk=1)
+    for t in toy.TYPES:
+        for ex in questions[t][:10]:
+            for wrong, slip in ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0)):
+                trace = toy.teacher_trace(ex, search, random.Random(0), wrong, slip)
+                reward = appo.compute_reward(trace, ex["answer"], ex["kind"])["reward"]
+                assert reward == (0.0 if wrong else 1.0), (trace, wrong)
+                if slip and t == "arith":
+                    assert "SyntaxError" in trace
+                elif slip:
+                    assert "No search results found." in trace
+
+
+# ===============================================================================================
+# report.py: the rollout-tree page, where branches land, curves, the run index
+# ===============================================================================================
+# ---------------------------------------------------------------------------------------------
+# A tiny hand-made record
+# ---------------------------------------------------------------------------------------------
+
+def signals(tokens, mask, k, with_omega=True):
+    """Distinct, checkable per-token numbers; rollout k shifts them so rollouts differ."""
+    n = len(tokens)
+    sig = {"entropy": [round(0.1 * i + 0.0123 * k + 0.01, 6) for i in range(n)],
+           "candidate": [int(m and tok.strip().isalpha()) for tok, m in zip(tokens, mask)]}
+    if with_omega:
+        sig.update(omega=[1.0 + 0.2 * ((i * 7 + k) % 11) / 10 for i in range(n)],
+                   z_h=[round(-1 + 0.05 * i, 5) for i in range(n)],
+                   z_omega=[round(0.5 - 0.03 * i - 0.001 * k, 5) for i in range(n)],
+                   bs=[round((-1 + 0.05 * i) * (0.5 - 0.03 * i), 5) for i in range(n)],
+                   adv=[round(0.25 - 0.111111 * k + 0.001 * i, 6) for i in range(n)])
+    else:
+        sig.update(omega=None, z_h=None, z_omega=None, bs=None, adv=[0.5] * n)
+    return sig
+
+
+def rollout(id, parent, root, fork, tokens, mask, points, reward, with_omega=True, **kw):
+    r = {"id": id, "parent": parent, "root": root, "fork": fork, "tokens": tokens, "mask": mask,
+         "branch_points": points, "reward": reward, "score": max(reward, 0.0), "format_ok": reward >= 0,
+         "tool_calls": kw.pop("tool_calls", 1), "truncated": False, "trained": True}
+    r.update(signals(tokens, mask, id, with_omega))
+    r.update(kw)
+    return r
+
+
+LONG_RESULT = "Minlo was founded in 1901 by Ada Rao. " * 12 + "\n"
+# rollout 0: a search whose tags are split over tokens, a long result, an answer
+T0 = ["I", " should", " search", ".", " <", "search", ">", "Minlo founder", "</", "sea", "rch>",
+      " <result>\n", LONG_RESULT, "</result>", " Ada", " was", " born", " in", " Kaveri", ".",
+      " <answer>", "\\boxed{Kaveri}", "</answer>"]
+M0 = [1] * 11 + [0, 0, 0] + [1] * 9
+# rollout 1: a token containing "<python>" and a short result
+T1 = ["Let", " me", " compute", " <python>", "print(1)", "</python>", " <result>\n1\n</result>", " So",
+      " <answer>", "\\boxed{1}", "</answer>"]
+M1 = [1] * 6 + [0] + [1] * 4
+
+
+def tiny_record():
+    """2 prompts; prompt 0: 2 initial rollouts, 2 first-round branches, 1 second-round branch."""
+    b2_tokens = T0[:3] + [" quickly", " <answer>", "\\boxed{Paris}", "</answer>"]
+    b4_tokens = b2_tokens[:4] + [" now", " <answer>", "\\boxed{Rome}", "</answer>"]
+    p0 = [rollout(0, -1, 0, 0, T0, M0, [2, 16], 1.0, tool_calls=1),
+          rollout(1, -1, 1, 0, T1, M1, [1], 0.0),
+          rollout(2, 0, 0, 3, b2_tokens, [1] * 7, [3], 0.25, tool_calls=0),        # forked after t=2
+          rollout(3, 1, 1, 2, T1[:2] + [" think", "</answer>"], [1] * 4, [], -1.0, truncated=True),
+          rollout(4, 2, 0, 4, b4_tokens, [1] * 8, [], 0.5, tool_calls=0)]           # second round, t=3
+    p1 = [rollout(0, -1, 0, 0, ["Two", " <answer>", "\\boxed{2}", "</answer>"], [1] * 4, [], 1.0,
+                  with_omega=False, tool_calls=0),
+          rollout(1, -1, 1, 0, ["Three", "."], [1, 1], [], 0.0, with_omega=False, tool_calls=0)]
+    return {"step": 12, "algo": "appo", "run": "out/appo", "prompts": [
+        {"question": "Where was the founder of Minlo born?", "answer": ["Kaveri"], "kind": "qa",
+         "rollouts": p0},
+        {"question": "What is 1 + 1 < 3?", "answer": ["2"], "kind": "math", "rollouts": p1}]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing the page
+# ---------------------------------------------------------------------------------------------
+
+class Page(HTMLParser):
+    """Collects tokens, fork markers and branch cards with the prompt / rollout they sit in."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.markers, self.branches, self.results = [], [], {}, []
+        self.stack = []            # open (tag, attrs) for details/section/summary/span
+        self.prompt, self.last_token, self.text_into = -1, None, []
+
+    def rollout_id(self):
+        ids = [int(a["data-id"]) for tag, a in self.stack if tag == "details" and "data-id" in a]
+        return ids[-1] if ids else None
+
+    def enclosing(self):
+        return [int(a["data-id"]) for tag, a in self.stack if tag == "details" and "data-id" in a]
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        cls = a.get("class", "").split()
+        if tag == "section":
+            self.prompt += 1
+        if tag == "span" and "t" in cls and "data-i" in a:
+            tok = {"prompt": self.prompt, "rollout": self.rollout_id(), "attrs": a, "text": ""}
+            self.tokens.append(tok)
+            self.last_token = tok
+            self.text_into.append(tok)
+        elif tag == "span" and "fork" in cls and "data-pos" in a:
+            self.markers.append({"prompt": self.prompt, "attrs": a, "prev": self.last_token})
+        elif tag == "details" and "br" in cls:
+            self.branches[(self.prompt, int(a["data-id"]))] = {
+                "attrs": a, "outer": self.enclosing(), "summary": ""}
+        elif "res" in cls:
+            self.results.append({"prompt": self.prompt, "rollout": self.rollout_id(), "tag": tag, "attrs": a})
+        if tag in ("details", "section", "summary"):
+            self.stack.append((tag, a))
+        elif tag == "span" and not ("t" in cls and "data-i" in a):
+            self.text_into.append(None)
+
+    def handle_endtag(self, tag):
+        if tag in ("details", "section", "summary") and self.stack:
+            self.stack.pop()
+        elif tag == "span" and self.text_into:
+            self.text_into.pop()
+
+    def handle_data(self, data):
+        if self.text_into and self.text_into[-1] is not None:
+            self.text_into[-1]["text"] += data
+        in_summary = [a for tag, a in self.stack if tag == "summary"]
+        ids = self.enclosing()
+        if in_summary and ids and (self.prompt, ids[-1]) in self.branches:
+            self.branches[(self.prompt, ids[-1])]["summary"] += data
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run") / "tree_step12.html"
+    record = tiny_record()
+    report.write_tree_page(json.loads(json.dumps(record)), str(path))     # must be JSON-safe
+    text = path.read_text(encoding="utf-8")
+    parsed = Page()
+    parsed.feed(text)
+    return record, text, parsed
+
+
+def test_report_fork_markers_at_recorded_positions(page):
+    record, _, parsed = page
+    want = {(k, r["id"], t) for k, p in enumerate(record["prompts"]) for r in p["rollouts"]
+            for t in r["branch_points"]}
+    got = {(m["prompt"], int(m["attrs"]["data-rollout"]), int(m["attrs"]["data-pos"]))
+           for m in parsed.markers}
+    assert got == want == {(0, 0, 2), (0, 0, 16), (0, 1, 1), (0, 2, 3)}
+    for m in parsed.markers:     # right after the token at t, in the branched rollout's own text
+        assert int(m["prev"]["attrs"]["data-i"]) == int(m["attrs"]["data-pos"])
+        assert m["prev"]["rollout"] == int(m["attrs"]["data-rollout"])
+        assert "bp" in m["prev"]["attrs"]["class"].split()
+    by_pos = {(int(m["attrs"]["data-rollout"]), int(m["attrs"]["data-pos"])): m["attrs"]["data-branches"]
+              for m in parsed.markers}
+    assert by_pos == {(0, 2): "2", (0, 16): "", (1, 1): "3", (2, 3): "4"}     # t=16: no branch kept
+
+
+def test_report_branches_nest_under_parents_with_rewards(page):
+    record, _, parsed = page
+    p0 = {r["id"]: r for r in record["prompts"][0]["rollouts"]}
+    assert set(parsed.branches) == {(0, 2), (0, 3), (0, 4)}
+    assert parsed.branches[(0, 2)]["outer"] == [0]
+    assert parsed.branches[(0, 3)]["outer"] == [1]
+    assert parsed.branches[(0, 4)]["outer"] == [0, 2]             # second round inside its parent
+    for (_, i), b in parsed.branches.items():
+        assert f"reward {p0[i]['reward']:.2f}" in b["summary"]
+        assert b["attrs"]["data-reward"] == report.fmt(p0[i]["reward"])
+        assert int(b["attrs"]["data-fork"]) == p0[i]["fork"]
+    assert "truncated" in parsed.branches[(0, 3)]["summary"]
+
+
+def test_report_branch_shows_only_its_continuation(page):
+    record, _, parsed = page
+    for r in record["prompts"][0]["rollouts"]:
+        toks = [t for t in parsed.tokens if t["prompt"] == 0 and t["rollout"] == r["id"]]
+        sampled = [i for i in range(r["fork"], len(r["tokens"])) if r["mask"][i]]
+        assert [int(t["attrs"]["data-i"]) for t in toks] == sampled
+        assert [t["text"] for t in toks] == [r["tokens"][i] for i in sampled]     # unescaped == record
+
+
+def test_report_hover_values_equal_record(page):
+    record, _, parsed = page
+    names = {"h": "entropy", "o": "omega", "zh": "z_h", "zo": "z_omega", "bs": "bs", "a": "adv"}
+    assert parsed.tokens
+    for t in parsed.tokens:
+        r = next(r for r in record["prompts"][t["prompt"]]["rollouts"] if r["id"] == t["rollout"])
+        i = int(t["attrs"]["data-i"])
+        for attr, key in names.items():
+            if r[key] is None:
+                assert f"data-{attr}" not in t["attrs"]
+            else:
+                assert t["attrs"][f"data-{attr}"] == f"{r[key][i]:.4g}"
+        assert ("c" in t["attrs"]["class"].split()) == bool(r["candidate"][i])
+    t = next(t for t in parsed.tokens
+             if t["prompt"] == 0 and t["rollout"] == 0 and t["attrs"]["data-i"] == "16")
+    assert t["attrs"]["data-h"] == "1.61" and t["attrs"]["data-zh"] == "-0.2"
+
+
+def test_report_text_is_escaped_and_offline(page):
+    _, text, parsed = page
+    assert "<python>" not in text and "</python>" not in text and "<answer>" not in text
+    assert "&lt;python&gt;" in text and "1 + 1 &lt; 3" in text
+    assert "http://" not in text and "https://" not in text
+    assert "<link" not in text and " src=" not in text
+    assert any(t["text"] == " <python>" for t in parsed.tokens)
+
+
+def test_report_tool_results_set_apart(page):
+    _, text, parsed = page
+    roots = [(r["rollout"], r["tag"]) for r in parsed.results if r["prompt"] == 0]
+    assert (0, "details") in roots            # the long result is collapsible
+    assert (1, "span") in roots               # the short one is an inline box
+    assert LONG_RESULT.strip()[:40] in text
+    assert not any(t["text"] == LONG_RESULT for t in parsed.tokens)        # results are not shaded tokens
+
+
+def test_report_page_has_signal_control_and_meta(page):
+    _, text, _ = page
+    for value in ("h", "o", "bs", "a"):
+        assert f'name="sig" value="{value}"' in text
+    assert 'id="scale"' in text and "position:sticky" in text
+    assert "format ✗" in text and "format ✓" in text and "tool calls" in text
+    assert "Where was the founder of Minlo born?" in text and "<b>Kaveri</b>" in text
+
+
+def test_report_fork_point_rules():
+    parent = {"branch_points": [2, 5], "mask": [1, 1, 1, 0, 0, 1, 1, 1]}
+    assert report.fork_point(parent, {"fork": 5}) == 2       # kept token, tool result skipped
+    assert report.fork_point(parent, {"fork": 6}) == 5       # kept token
+    parent = {"branch_points": [5], "mask": [1, 1, 1, 0, 0, 1, 1, 1]}
+    assert report.fork_point(parent, {"fork": 5}) == 5       # ARPO: y_t itself re-sampled
+
+
+# ---------------------------------------------------------------------------------------------
+# token_spans and fork_statistics
+# ---------------------------------------------------------------------------------------------
+
+def test_report_token_spans_split_tags():
+    tokens = ["Hi", " <", "pyth", "on>", "x=1", "</", "/", "pyth", "on", ">"]
+    # "</" "/" is not a closing tag: the call stays open to the end (cut off)
+    assert report.token_spans(tokens, [1] * 10) == ["reasoning"] + ["tool_call"] * 9
+    tokens = ["Hi", " <", "search", ">", "q", "</", "sea", "rch", ">", " <result>\nr\n</result>", " Then",
+              " <answer>", "\\boxed{1}", "</", "answer>", " bye"]
+    mask = [1] * 9 + [0] + [1] * 6
+    assert report.token_spans(tokens, mask) == (
+        ["reasoning"] + ["tool_call"] * 8 + ["result", "after_result"] + ["answer"] * 4 + ["reasoning"])
+
+
+def test_report_token_spans_edge_cases():
+    # a tag echoed inside a tool result opens nothing; an unclosed call ends where the result starts
+    tokens = ["<python>", "print('<python>')", " <result><python></result>", "ok", " fine"]
+    assert report.token_spans(tokens, [1, 1, 0, 1, 1]) == [
+        "tool_call", "tool_call", "result", "after_result", "reasoning"]
+    # a token straddling the end of a tag belongs to the tool call; after_result wins over tool_call
+    tokens = ["a", "<search>q</search> b", " <result>x</result>", "<search>", "r", "</search>"]
+    assert report.token_spans(tokens, [1, 1, 0, 1, 1, 1]) == [
+        "reasoning", "tool_call", "result", "after_result", "tool_call", "tool_call"]
+    assert report.token_spans([], []) == []
+
+
+def stat_rollout(tokens, mask, points, entropy, omega, candidate):
+    return {"tokens": tokens, "mask": mask, "branch_points": points, "entropy": entropy, "omega": omega,
+            "candidate": candidate}
+
+
+def test_report_fork_statistics_hand_numbers():
+    a = stat_rollout(["I", " <", "search", ">q</search>", " <result>r</result>", " so",
+                      " <answer>x</answer>"],
+                     [1, 1, 1, 1, 0, 1, 1], [0, 2, 5],
+                     [1.0, 2.0, 3.0, 4.0, 0.0, 5.0, 6.0], [1.0, 1.1, 1.2, 1.0, 1.0, 1.05, 1.0],
+                     [1, 1, 1, 0, 0, 1, 0])
+    b = stat_rollout(["x", "y", " <answer>", "z"], [1, 1, 1, 1], [1], [0.5, 1.5, 2.5, 3.5], None,
+                     [1, 1, 0, 0])
+    got = report.fork_statistics([a, b])
+    # a: 6 sampled; forks at 0 (0 before), 2 (2 before), 5 (4 before, result is not counted); b: 1/4
+    assert got["branch/fork_rel_pos"] == pytest.approx((0 / 6 + 2 / 6 + 4 / 6 + 1 / 4) / 4)
+    assert got["branch/n_forks"] == 4
+    assert got["branch/fork_span/reasoning"] == pytest.approx(2 / 4)       # a@0, b@1
+    assert got["branch/fork_span/tool_call"] == pytest.approx(1 / 4)       # a@2
+    assert got["branch/fork_span/after_result"] == pytest.approx(1 / 4)    # a@5
+    assert got["branch/fork_span/answer"] == 0 and got["branch/fork_span/result"] == 0
+    assert sum(got[f"branch/fork_span/{s}"] for s in report.SPANS) == pytest.approx(1.0)
+    assert got["branch/H_fork"] == pytest.approx((1.0 + 3.0 + 5.0 + 1.5) / 4)
+    assert got["branch/H_candidates"] == pytest.approx((1 + 2 + 3 + 5 + 0.5 + 1.5) / 6)
+    assert got["branch/omega_fork"] == pytest.approx((1.0 + 1.2 + 1.05) / 3)           # b has none
+    assert got["branch/omega_candidates"] == pytest.approx((1.0 + 1.1 + 1.2 + 1.05) / 4)
+
+
+def test_report_fork_statistics_empty_and_no_omega():
+    assert report.fork_statistics([]) == {}
+    r = stat_rollout(["a", "b"], [1, 1], [], [1.0, 2.0], None, [1, 0])
+    got = report.fork_statistics([r])
+    assert "branch/fork_rel_pos" not in got and "branch/H_fork" not in got
+    assert got["branch/H_candidates"] == 1.0 and got["branch/n_forks"] == 0
+    assert not any(k.startswith("branch/omega") for k in got)
+    assert all(got[f"branch/fork_span/{s}"] == 0 for s in report.SPANS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Curves and index
+# ---------------------------------------------------------------------------------------------
+
+def test_report_plot_curves_png(tmp_path):
+    rows = [{"step": s, "reward/mean": 0.1 * s, "acc/math": 0.5, "loss/approx_kl": 0.01 * s,
+             "branch/fork_span/tool_call": 0.3, "time/step_s": 12.0, "note": "text", "flag": True,
+             "bad": float("nan")} for s in range(1, 4)]
+    rows[1].pop("acc/math")                  # a missing key
+    path = tmp_path / "curves.png"
+    report.plot_curves(rows, str(path))
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert set(report._series(rows)) == {"reward", "acc", "loss", "branch/fork_span", "time"}
+    one = tmp_path / "one.png"
+    report.plot_curves(rows[:1], str(one))   # a single step
+    assert one.read_bytes()[:4] == b"\x89PNG"
+    empty = tmp_path / "empty.png"
+    report.plot_curves([], str(empty))
+    assert empty.stat().st_size > 0
+
+
+def test_report_write_index_in_step_order(tmp_path):
+    for step in (10, 2, 1):
+        report.write_tree_page({"step": step, "algo": "appo", "run": "r", "prompts": []},
+                               str(tmp_path / f"tree_step{step}.html"))
+    (tmp_path / "curves.png").write_bytes(b"\x89PNG")
+    report.write_index(str(tmp_path))
+    text = (tmp_path / "index.html").read_text()
+    hrefs = [h for h in _attrs(text, "a", "href") if h.startswith("tree_step")]
+    assert hrefs == ["tree_step1.html", "tree_step2.html", "tree_step10.html"]
+    assert "curves.png" in _attrs(text, "img", "src")
+    assert "http://" not in text and "https://" not in text
+
+
+def _attrs(text, tag, name):
+    out = []
+
+    class P(HTMLParser):
+        def handle_starttag(self, t, attrs):
+            if t == tag and dict(attrs).get(name):
+                out.append(dict(attrs)[name])
+    P().feed(text)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A realistic step (long rollouts, long results, 12 branches per prompt, second rounds)
+# ---------------------------------------------------------------------------------------------
+
+WORDS = ("the", " founder", " of", " company", " was", " born", " in", " city", " so", " answer", " is",
+         " we", " need", " to", " check", " which", " year", " first", " then", " compute", ",", ".", "\n")
+
+
+def _segment(rng, n):
+    return [rng.choice(WORDS) for _ in range(n)]
+
+
+def _continuation(rng, budget):
+    """Sampled text with tool calls (tags split over tokens) and results, ending in an answer."""
+    tokens, mask = [], []
+    while len(tokens) < budget - 30:
+        seg = _segment(rng, rng.randint(15, 45))
+        tool = rng.choice(("python", "search"))
+        call = [" <", tool[:3], tool[3:], ">"] + _segment(rng, rng.randint(3, 9)) + ["</", tool, ">"]
+        body = "\n".join(f"{i}: " + " ".join(rng.choice(WORDS).strip() or "x" for _ in range(12))
+                         for i in range(rng.choice((1, 2, 25))))
+        tokens += seg + call + [" <result>\n", body, "\n</result>"]
+        mask += [1] * (len(seg) + len(call)) + [0, 0, 0]
+    answer = rng.choice(("Kaveri", "Pune", "42"))
+    tail = _segment(rng, 8) + [" <answer>", " \\boxed{", answer, "}", "</answer>"]
+    return tokens + tail, mask + [1] * len(tail)
+
+
+def _fill_signals(rng, r):
+    n = len(r["tokens"])
+    r["entropy"] = [rng.expovariate(1.5) if m else 0.0 for m in r["mask"]]
+    r["omega"] = [min(1.2, max(1.0, 1.0 + rng.gauss(0.04, 0.06))) for _ in range(n)]
+    r["candidate"] = [int(m and tok.strip().isalpha() and i >= r["fork"]) for i, (tok, m)
+                      in enumerate(zip(r["tokens"], r["mask"]))]
+    for key, src in (("z_h", "entropy"), ("z_omega", "omega")):
+        xs = [x for x, c in zip(r[src], r["candidate"]) if c] or [0.0]
+        mu, sd = sum(xs) / len(xs), (sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / len(xs)) ** 0.5 or 1.0
+        r[key] = [(x - mu) / sd if c else 0.0 for x, c in zip(r[src], r["candidate"])]
+    r["bs"] = [a * b for a, b in zip(r["z_h"], r["z_omega"])]
+    base = r["reward"] - 0.4
+    r["adv"] = [base + 0.3 * math.sin(i / 9) if m else 0.0 for i, m in enumerate(r["mask"])]
+
+
+def _new_rollout(rng, rs, parent, length):
+    """An initial rollout (parent None) or a branch of `parent` at one of its best-BS candidates."""
+    if parent is None:
+        tokens, mask = _continuation(rng, length)
+        r = {"id": len(rs), "parent": -1, "root": len(rs), "fork": 0, "tokens": tokens, "mask": mask}
+    else:
+        free = [t for t, c in enumerate(parent["candidate"]) if c and t not in parent["branch_points"]]
+        t = max(rng.sample(free, min(5, len(free))), key=lambda i: parent["bs"][i])
+        fork = t + 1
+        while fork < len(parent["mask"]) and not parent["mask"][fork]:
+            fork += 1
+        tail, tmask = _continuation(rng, max(40, length - fork))
+        parent["branch_points"].append(t)
+        r = {"id": len(rs), "parent": parent["id"], "root": parent["root"], "fork": fork,
+             "tokens": parent["tokens"][:fork] + tail, "mask": parent["mask"][:fork] + tmask}
+    reward = rng.choice((1.0, 0.0, 0.0, 0.5, -1.0))
+    r.update(branch_points=[], reward=reward, score=max(reward, 0.0), format_ok=reward >= 0,
+             tool_calls=sum(1 for x in r["tokens"] if x == " <result>\n"), truncated=rng.random() < 0.1,
+             trained=True)
+    _fill_signals(rng, r)
+    return r
+
+
+def realistic_record(n_prompts=2, n_init=4, n_branches=12, length=200, seed=0):
+    """A step like APPO's: n_init initial rollouts per prompt, then n_branches branches, some of
+    them second-round (branches of branches)."""
+    rng = random.Random(seed)
+    prompts = []
+    for k in range(n_prompts):
+        rs = []
+        for _ in range(n_init):
+            rs.append(_new_rollout(rng, rs, None, length))
+        for j in range(n_branches):
+            parent = rs[j] if j < n_init else rs[rng.randrange(len(rs))]       # every root gets one
+            rs.append(_new_rollout(rng, rs, parent, length))
+        prompts.append({"question": f"Where was the founder of company {k} born? Give the <city>.",
+                        "answer": ["Kaveri", "Kaveri town"], "kind": "qa", "rollouts": rs})
+    return {"step": 12, "algo": "appo", "run": "out/appo", "prompts": prompts}
+
+
+def test_report_realistic_record_renders(tmp_path):
+    record = realistic_record()
+    path = tmp_path / "tree_step12.html"
+    report.write_tree_page(record, str(path))
+    parsed = Page()
+    parsed.feed(path.read_text(encoding="utf-8"))
+    assert len(parsed.branches) == 2 * 12
+    points = sum(len(r["branch_points"]) for p in record["prompts"] for r in p["rollouts"])
+    assert len(parsed.markers) == points
+    assert any(len(b["outer"]) > 1 for b in parsed.branches.values())                 # second rounds nest
+    stats = report.fork_statistics([r for p in record["prompts"] for r in p["rollouts"]])
+    assert stats["branch/n_forks"] == 24 and 0 <= stats["branch/fork_rel_pos"] < 1
+
+
+def demo(path="/tmp/tree.html"):
+    """Write the realistic page (and a tiny one next to it) for a look in a browser."""
+    report.write_tree_page(realistic_record(), path)
+    report.write_tree_page(tiny_record(), path.replace(".html", "_tiny.html"))
 
 
 # ===============================================================================================

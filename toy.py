@@ -1,0 +1,220 @@
+"""The embedded default of appo.py: a toy tool world in which RL visibly improves a tiny model.
+
+A labelled teaching environment, like CartPole for PPO: offline, generated from a seed, small enough
+for a laptop CPU, and built so the thing the paper is about can be seen. Every question needs a tool,
+and every question type hides one *decision* the cold-start data is noisy about:
+
+    type     example                                        right procedure               the decision (where)
+    arith    What is 41 + 7 * 51?                           <python>print(41 + 7 * 51)    tool or memory (first token)
+    onehop   Where was Kalove, a student of Ritamon, born?  <search>Kalove                which entity (inside the call)
+    twohop   Where was the founder of Minlo born?           <search>Minlo, then the       search again or answer
+                                                            founder's name                (between the hops)
+
+The SFT "teacher" always does the mechanics right (copies operands and names, copies the tool's
+output into \\boxed{}), but at each decision it takes the wrong option with probability `wrong_rate`
+(answers from memory, searches the other name, stops a hop short), as weak distilled data does.
+With wrong_rate > 0.5 greedy decoding of the SFT model takes the wrong option, while sampling
+takes the right one often: RL has something real to find, at tokens throughout the sequence.
+Some traces also recover from a tool error or an empty search, so RL's -1s are earned.
+
+Splits: SFT traces, RL questions, validation and test are disjoint sets of questions (people,
+companies and numbers are shared, so every name is a token the model has seen).
+"""
+import json
+import math
+import os
+import random
+
+import tools
+
+SYLLABLES = "ka lo ve ri ta mon zu bel dra fi ne os pra ul gar min so vik al dun pe tor".split()
+SYSTEM_PROMPT = "Use tools."    # the toy model learns the protocol from its SFT traces; short = fast
+TYPES = ("arith", "onehop", "twohop")
+PROTOCOL = "<python>print()</python> <search></search> <result>\n</result> <answer>\\boxed{}</answer>"
+TOOL_MESSAGES = ("Error: the text before </python> or </search> is not a tool call. Error: tool-call limit "
+                 "(3) reached; give your answer. Error: timed out after 5 s. SyntaxError NameError")
+
+
+def make_world(seed, n_families=340, siblings=6, n_companies=450, n_cities=40):
+    """Invented people (born in a city, mentored by another person) and companies (based in a city,
+    founded by a person), the corpus describing them, and every question about them.
+    People come in families: siblings share the last two syllables (Kalove, Ralove), so a one-hop
+    question's decoy (a sibling) differs from its subject in the first syllable only, and the
+    entity decision is that one token. Returns (questions by type, corpus passages)."""
+    rng = random.Random(seed)
+    used = set()
+
+    def names(n, parts):
+        if n > math.perm(len(SYLLABLES), parts) - len(used):
+            raise ValueError(f"{n} names of {parts} syllables: too many for {len(SYLLABLES)} syllables")
+        out = []
+        while len(out) < n:
+            # no syllable twice in a name ("Zukaka"): a copy would not know which "ka" it is at
+            if (w := "".join(rng.sample(SYLLABLES, parts)).capitalize()) not in used:
+                used.add(w)
+                out.append(w)
+        return out
+
+    cities, families = names(n_cities, 2), names(n_families, 2)
+    people, sibling = [], {}
+    for family in families:                                  # every name has 3 syllables: fixed lengths
+        given = rng.sample([s for s in SYLLABLES if s not in family.lower()], siblings)
+        kin = [g.capitalize() + family.lower() for g in given]
+        people += kin
+        sibling.update({p: kin[(i + 1) % siblings] for i, p in enumerate(kin)})
+    used.update(people)
+    companies = names(n_companies, 3)
+    born = {p: rng.choice(cities) for p in people}
+    mentor = {p: rng.choice([q for q in people if q != p]) for p in people}
+    based = {c: rng.choice(cities) for c in companies}
+    founder = {c: rng.choice(people) for c in companies}
+    corpus = [{"id": str(i), "contents": f'"{p}"\n{p} was born in {born[p]}. {p} was mentored by {mentor[p]}.'}
+              for i, p in enumerate(people)]
+    corpus += [{"id": str(len(people) + i), "contents": f'"{c}"\n{c} is a company based in {based[c]}. '
+                f'It was founded by {founder[c]}.'} for i, c in enumerate(companies)]
+    qa = lambda q, a, t, **plan: {"question": q, "answer": [a], "kind": "qa", "type": t, **plan}
+    onehop = [qa(f"Where was {p}, a sibling of {sibling[p]}, born?", born[p], "onehop", hops=[p],
+                 decoy=sibling[p], decoy_answer=born[sibling[p]]) for p in people]
+    twohop = [qa(f"Where was the mentor of {p} born?", born[mentor[p]], "twohop", hops=[p, mentor[p]],
+                 shortcut=born[p]) for p in people]
+    for c in companies:        # the shortcut is what the first hop shows
+        p = founder[c]
+        twohop.append(qa(f"Where was the founder of {c} born?", born[p], "twohop", hops=[c, p], shortcut=based[c]))
+        twohop.append(qa(f"Who mentored the founder of {c}?", mentor[p], "twohop", hops=[c, p], shortcut=p))
+    arith, seen = [], set()
+    while len(arith) < len(twohop):      # one template, fixed digit counts, 3-digit results: fixed offsets
+        code = f"{rng.randint(10, 99)} + {rng.randint(2, 9)} * {rng.randint(11, 99)}"
+        if code not in seen and 100 <= eval(code) <= 999:
+            seen.add(code)
+            arith.append({"question": f"What is {code}?", "answer": [str(eval(code))], "kind": "math",
+                          "type": "arith", "code": code})
+    for pool in (onehop, twohop, arith):
+        rng.shuffle(pool)
+    return {"arith": arith, "onehop": onehop, "twohop": twohop}, corpus
+
+
+def split_world(questions, sizes):
+    """Disjoint splits, each a third of every type: sizes = {split: questions}, taken in order
+    test, val, rl, then sft gets what remains (up to its size). Returns {split: [examples]}."""
+    out, used = {}, {t: 0 for t in TYPES}
+    for split in ("test", "val", "rl", "sft"):
+        rows = []
+        for i, t in enumerate(TYPES):
+            want = sizes[split] // 3 + (i < sizes[split] % 3)
+            take = questions[t][used[t]:used[t] + want]
+            if len(take) < want:
+                raise ValueError(f"the toy world has too few {t} questions for split sizes {sizes}")
+            used[t] += want
+            rows += take
+        random.Random(len(rows)).shuffle(rows)
+        out[split] = rows
+    return out
+
+
+def teacher_trace(ex, search, rng, wrong_rate, error_rate):
+    """One cold-start SFT response with the tag protocol inline: the right mechanics always; the
+    wrong option at the example's decision with probability `wrong_rate`; with `error_rate` a
+    recovered slip first (a python syntax error, or a search with nothing in it)."""
+    box = lambda a: f"<answer>\\boxed{{{a}}}</answer>"
+    call = lambda tag, payload, result: f"<{tag}>{payload}</{tag}>{tools.format_result(result)} "
+    wrong, slip = rng.random() < wrong_rate, rng.random() < error_rate
+    if ex["type"] == "arith":
+        if wrong:                                           # answers from memory: a tiny model cannot multiply
+            return box(int(ex["answer"][0]) + rng.choice([-1, 1]) * rng.randint(1, 60))
+        text = call("python", f"print({ex['code']}", tools.python_tool(f"print({ex['code']}")) if slip else ""
+        return text + call("python", f"print({ex['code']})", ex["answer"][0]) + box(ex["answer"][0])
+    text = call("search", "who was it", search("who was it")) if slip else ""   # stopwords only: no result
+    if ex["type"] == "onehop":
+        entity, answer = (ex["decoy"], ex["decoy_answer"]) if wrong else (ex["hops"][0], ex["answer"][0])
+        return text + call("search", entity, search(entity)) + box(answer)
+    text += call("search", ex["hops"][0], search(ex["hops"][0]))
+    if wrong:                                               # one hop short
+        return text + box(ex["shortcut"])
+    return text + call("search", ex["hops"][1], search(ex["hops"][1])) + box(ex["answer"][0])
+
+
+def procedure_ok(ex, rollout):
+    """Did the rollout take the right option at the example's decision (whatever came after)?"""
+    payloads = [p for n, p, _ in rollout.calls]
+    if ex["type"] == "arith":
+        return any(n == "python" for n, _, _ in rollout.calls)
+    if ex["type"] == "onehop":
+        return ex["hops"][0] in payloads
+    return all(h in payloads for h in ex["hops"])
+
+
+def build_tokenizer(texts):
+    """A word-level tokenizer over the world's own text, built without training (deterministic):
+    every space, punctuation mark, digit and name syllable is its own token, and the rest of each
+    word is one token. Names are then 2-3 syllable tokens and numbers 3 digits, of fixed length,
+    so every copy the agent makes (operands into code, a name into a search, a tool's output into
+    the answer) is at a fixed offset, and a ~200-token vocabulary keeps the model fast. Text the
+    world never contains (a Python traceback in a tool result) reads as <|unk|>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    syllables = sorted(SYLLABLES + [s.capitalize() for s in SYLLABLES], key=lambda s: (-len(s), s))
+    pre = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\s"), "isolated"), pre_tokenizers.Punctuation("isolated"),
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Split(Regex("|".join(syllables)), "isolated")])
+    texts = [*texts, PROTOCOL, tools.NO_RESULTS, TOOL_MESSAGES]         # the tag protocol is always known
+    pieces = {p for text in texts for p, _ in pre.pre_tokenize_str(text)} | set(syllables) | set("0123456789")
+    vocab = {"<|pad|>": 0, "<|eos|>": 1, "<|unk|>": 2}
+    for piece in sorted(pieces):
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tok.pre_tokenizer, tok.decoder = pre, decoders.Fuse()       # spaces are tokens: decoding joins them
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|eos|>",
+                                   unk_token="<|unk|>")
+
+
+def build_model(tokenizer, seed, hidden, layers, heads):
+    """A tiny Llama-architecture model (saved and loaded like any Hub model). Not Qwen2: transformers
+    5 swaps in Qwen2's own tokenizer for a qwen2 config, dropping ours."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def build(out_dir, seed, sizes, wrong_rate, error_rate, hidden, layers, heads, prompt_text):
+    """Write the world (splits, corpus, SFT traces) and the untrained model + tokenizer under
+    out_dir/world and out_dir/init; cached: a second call reads them back. `prompt_text(question)`
+    renders a prompt as appo.py will. Returns {split: examples}, the corpus path, the init dir."""
+    world, init = os.path.join(out_dir, "world"), os.path.join(out_dir, "init")
+    names = list(sizes) + ["corpus"]
+    paths = {k: os.path.join(world, f"{k}.jsonl") for k in names}
+    if not all(os.path.exists(p) for p in paths.values()):
+        questions, corpus = make_world(seed)
+        splits = split_world(questions, sizes)
+        search = tools.Search(corpus=corpus, topk=1)
+        rng = random.Random(seed)
+        splits["sft"] = [dict(ex, response=teacher_trace(ex, search, rng, wrong_rate, error_rate))
+                         for ex in splits["sft"]]
+        os.makedirs(world, exist_ok=True)
+        for k in names:
+            _write_jsonl(paths[k], corpus if k == "corpus" else splits[k])
+    splits = {k: _read_jsonl(paths[k]) for k in sizes}
+    if not os.path.exists(os.path.join(init, "config.json")):
+        texts = [prompt_text(ex["question"]) + ex.get("response", "") for rows in splits.values() for ex in rows]
+        texts += [p["contents"] for p in _read_jsonl(paths["corpus"])]
+        tokenizer = build_tokenizer(texts)
+        build_model(tokenizer, seed, hidden, layers, heads).save_pretrained(init)
+        tokenizer.save_pretrained(init)
+    return splits, paths["corpus"], init
+
+
+def _write_jsonl(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
