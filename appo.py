@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -78,11 +78,9 @@ class Config:
     """Held-out split evaluated before and after RL, same formats. Empty: the toy test split."""
     eval_limit: int = 0
     """Questions of test_data evaluated before and after RL (0 = all)."""
-    system_prompt: str = (
-        "Solve the question step by step. You can call tools: <search> query </search> searches a "
-        "knowledge base, <python> code </python> runs Python and shows what it prints. Each result "
-        "comes back inside <result> </result>. End with <answer> \\boxed{final answer} </answer>.")
-    """System prompt for JSONL questions and the toy (parquet rows bring their own)."""
+    system_prompt: str = ""
+    """System prompt for JSONL questions (parquet rows bring their own). Empty: one listing the
+    tools of tools.toolbox() (see default_system_prompt); the toy uses its own short one."""
     dtype: str = "auto"
     """Compute dtype of forward passes: auto (bfloat16 on a GPU that supports it, else float32) |
     float32 | bfloat16. Weights and AdamW state stay float32 either way (master weights); bfloat16
@@ -243,10 +241,10 @@ def settings_help(cls, prog):
     return "\n".join(lines)
 
 
-def stop(prog, message):
-    """One clear line on stderr and exit code 2: for settings and data a user can fix."""
+def stop(prog, message, code=2):
+    """One clear line on stderr and an exit code (2: settings or data a user can fix), no traceback."""
     print(f"{prog}: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def parse_settings(cls, argv, prog):
@@ -297,7 +295,8 @@ def parse_config(argv):
             stop("appo.py", f"--{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
     checks = [
         (cfg.steps >= 0, "--steps must be >= 0"),
-        (cfg.prompts_per_step >= 1 and cfg.mini_batch_prompts >= 1, "--prompts_per_step and --mini_batch_prompts must be >= 1"),
+        (cfg.prompts_per_step >= 1 and cfg.mini_batch_prompts >= 1,
+         "--prompts_per_step and --mini_batch_prompts must be >= 1"),
         (1 <= cfg.n_initial <= cfg.group_size, "need 1 <= --n_initial <= --group_size"),
         (cfg.branch_points >= 0, "--branch_points must be >= 0"),
         (cfg.temperature > 0, "--temperature must be > 0 (the loss and Eq. 3 use softmax(z / tau))"),
@@ -308,7 +307,8 @@ def parse_config(argv):
         (cfg.ppo_epochs >= 1 and cfg.save_every >= 1, "--ppo_epochs and --save_every must be >= 1"),
         (cfg.half_life > 0 and cfg.dual_clip > 1, "--half_life must be > 0 and --dual_clip > 1"),
         (0 <= cfg.clip_low < 1 and cfg.clip_high >= 0, "need 0 <= --clip_low < 1 and --clip_high >= 0"),
-        (cfg.max_tool_calls >= 0 and cfg.tool_timeout > 0, "--max_tool_calls must be >= 0, --tool_timeout > 0"),
+        (cfg.max_tool_calls >= 0 and cfg.tool_timeout > 0,
+         "--max_tool_calls must be >= 0, --tool_timeout > 0"),
         (cfg.eval_limit >= 0 and cfg.sft_steps >= 0 and cfg.sft_batch_size >= 1,
          "--eval_limit and --sft_steps must be >= 0, --sft_batch_size >= 1"),
         (not cfg.model or os.path.isdir(cfg.model) or _looks_like_hub_id(cfg.model),
@@ -336,10 +336,38 @@ def _looks_like_hub_id(name):
             and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """The algorithm as named switches, resolved once from --algo and the ablation settings (spec
+    section 4): every baseline and ablation is a combination of these; config.json records them."""
+    initial_rollouts: int       # rollouts sampled per prompt before branching (N; GRPO: all M)
+    branching: bool             # build the rollout tree (spec section 2)
+    candidates: str             # "all" sampled tokens (Eqs. 3-5) | "after_tool" (ARPO: first after a result)
+    branch_rule: str            # bs (Eq. 5) | entropy | random: how candidates are ranked
+    keep_branch_token: bool     # a branch keeps y_t and re-samples from y_{t+1} (else re-samples y_t)
+    train_branches: bool        # branches are in the loss (GRPO, ARPO) or only supply credit (APPO)
+    dual_group: bool            # Eq. 6: initial and branch rollouts normalised in separate groups
+    prefix_credit: bool         # Eq. 6: tokens shared with branches average both advantages
+    future_weight: float        # b of Eq. 7 (0 = off)
+    refill: bool                # top up a prompt short of M with fresh rollouts (ARPO at equal budget)
+
+
+def resolve(cfg):
+    """--algo (and the ablation settings) -> Recipe. The one place that reads cfg.algo."""
+    if cfg.algo == "grpo":
+        return Recipe(cfg.group_size, False, "all", cfg.branch_score, cfg.keep_branch_token, True, False,
+                      False, 0.0, False)
+    if cfg.algo == "arpo":                  # re-samples at its tool boundary, ranks by entropy, plain groups
+        return Recipe(cfg.n_initial, True, "after_tool", "entropy", False, True, False, False, 0.0, True)
+    return Recipe(cfg.n_initial, True, "all", cfg.branch_score, cfg.keep_branch_token, False, cfg.dual_group,
+                  True, cfg.future_weight, False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reward (spec section 1): -1 for a bad format, else correctness in [0, 1]. eval.py imports it.
 # ---------------------------------------------------------------------------------------------
-_TOOL_TAGS = ("python", "search", "result")  # each <tag> must be matched by a </tag>
+_TAG = re.compile(r"<(/?)([A-Za-z_]\w*)>")
+_RESULT_SPAN = re.compile(r" <result>\n.*?\n</result>", re.DOTALL)   # what the loop appends after a call
 _BOXED = re.compile(r"\\boxed\s*\{")
 _TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
 # a plain number, then whitespace and unit words of 2+ letters ("18 dollars"; not "2x", "2 pi")
@@ -371,16 +399,18 @@ def extract_answer(response: str) -> str | None:
 
 def format_error(response: str) -> str | None:
     """Why a response's format is invalid (spec section 1), or None when it is valid:
-    "no_answer" (no <answer> block holding a closed \\boxed{}) or "unbalanced_tags" (a tool tag
-    opened and not closed, e.g. a response cut off inside a call).
+    "no_answer" (no <answer> block holding a closed \\boxed{}) or "unbalanced_tags" (outside the
+    tool results, some <tag> is not closed, or closed without opening: e.g. a response cut off
+    inside a call). Any tag counts, so a new tool needs no change here.
     Example: "<search>x</search> <result>\\n..\\n</result> <answer>\\boxed{1}</answer>" -> None;
              "<python>print(1)" -> "no_answer".
     """
     if extract_answer(response) is None:
         return "no_answer"
-    if any(response.count(f"<{t}>") != response.count(f"</{t}>") for t in _TOOL_TAGS):
-        return "unbalanced_tags"
-    return None
+    opened = Counter()
+    for slash, tag in _TAG.findall(_RESULT_SPAN.sub(" ", response)):      # the model's own text
+        opened[tag] += -1 if slash else 1
+    return "unbalanced_tags" if any(opened.values()) else None
 
 
 def format_ok(response: str) -> bool:
@@ -565,8 +595,8 @@ def branching_score(entropy, omega, mask):
 def dual_group_advantages(rewards, prompt_ids, is_branch):
     """Eq. 6 groups: A_n = (R_n - mean_G R) / (std_G R + 1e-6), G = (prompt_id, is_branch).
 
-    One entry per rollout (1-D tensors or python lists, length R); population std. A group of one, or a group whose
-    rewards are all equal (std < 1e-6), gives exactly 0: guarding the std keeps float rounding
+    One entry per rollout (1-D tensors or python lists, length R); population std. A group of one,
+    or one whose rewards are all equal (std < 1e-6), gives exactly 0: guarding the std keeps rounding
     of the mean from turning equal rewards into tiny non-zero advantages. For the single-group
     ablation (dual_group = False) pass is_branch all False: then G = prompt.
     Example: prompt 0, initial rewards [1, 0], branch rewards [1, 1, 0]
@@ -759,12 +789,12 @@ class Rollout:
     mask: list = field(default_factory=list)            # m_t: 1 sampled by the model, 0 tool result
     logp: list = field(default_factory=list)            # log pi_old(y_t | s_t) at tau, from the sampler
     entropy: list = field(default_factory=list)         # H_t of Eq. 3, from the sampler (0 on results)
-    calls: list = field(default_factory=list)           # (name, payload, end): end = len(tokens) after its result
+    calls: list = field(default_factory=list)           # (name, payload, end): end = len(tokens) after result
     done: bool = False
     truncated: bool = False                             # ran out of response tokens
     parent: int = -1                                    # rollout it branched from (-1: initial rollout)
     root: int = -1                                      # initial rollout at the top of its lineage
-    fork: int = 0                                       # y_<fork shared with the parent, re-sampled from y_fork
+    fork: int = 0                                       # y_<fork shared with the parent, new from y_fork on
     root_fork: int = 0                                  # where its lineage left the root's tokens
     text: str = ""                                      # decoded response
     reward: float = 0.0
@@ -773,7 +803,7 @@ class Rollout:
     format_error: str | None = None                     # truncated | no_answer | unbalanced_tags
     branch_pos: int = -1                                # t: the position it was branched at (-1: initial)
     branch_points: list = field(default_factory=list)   # positions where branches of it were made
-    signals: dict = field(default_factory=dict)         # per-token omega, z_h, z_omega, bs, candidate (Eqs. 4-5)
+    signals: dict = field(default_factory=dict)         # per token: omega, z_h, z_omega, bs, candidate
     adv: list = field(default_factory=list)             # per-token base advantage after Eq. 6
 
     @property
@@ -796,7 +826,7 @@ def build_prompt(tokenizer, question, kind="qa", system_prompt=None, messages=No
     """Prompt token ids: the chat template when the tokenizer has one, else plain text (the toy).
     `messages` (a verl row's chat prompt) replaces the system prompt + question."""
     if messages is None:
-        messages = [{"role": "system", "content": system_prompt or Config.system_prompt},
+        messages = [{"role": "system", "content": system_prompt or default_system_prompt(tools.toolbox())},
                     {"role": "user", "content": question}]
     if tokenizer.chat_template:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -811,7 +841,13 @@ def build_prompt_text(question, system_prompt):
     return f"{system_prompt}\nQuestion: {question}\n"
 
 
-STOPS = tools.STOP_STRINGS + ("</answer>",)    # a turn pauses at a closing tool tag, ends at </answer>
+def default_system_prompt(box):
+    """The system prompt that teaches the tag protocol, listing the tools of `box`."""
+    return (f"Solve the question step by step. You can call tools: {tools.describe(box)}. Each result comes "
+            "back inside <result> </result>. End with <answer> \\boxed{final answer} </answer>.")
+
+
+STOPS = tools.stop_strings(["python", "search"]) + ("</answer>",)   # the default tools' stops
 
 
 @functools.lru_cache(maxsize=8)
@@ -931,54 +967,79 @@ def pick_tokens(logits, sampling):
     return tok, logp_all.gather(-1, tok[:, None])[:, 0], entropy
 
 
-def tool_request(r, tokenizer, max_calls):
-    """The call a paused rollout asks for, parsed from its whole response (a branch may have forked
-    inside the call) -> (name, payload, python history); malformed calls and calls beyond the limit
-    are answered with an error text."""
-    call = tools.parse_tool_call(tokenizer.decode(r.tokens, skip_special_tokens=True))
-    if call is None:
-        return "error", "the text before </python> or </search> is not a tool call", ()
+def start_call(pool, box, r, tokenizer, max_calls):
+    """Start the call a paused rollout asks for, in the background -> future of (name, payload,
+    result). It is parsed from the whole response (a branch may have forked inside the call) and
+    run with the rollout's earlier calls (the python tool's state); past max_calls nothing runs."""
     if len(r.calls) >= max_calls:
-        return "error", f"tool-call limit ({max_calls}) reached; give your answer", ()
-    return call[0], call[1], [p for n, p, _ in r.calls if n == "python"]
-
-
-def submit_call(pool, call_tool, request):
-    """Start a tool call in the background -> future of its result text."""
-    name, payload, history = request
-    return pool.submit(call_tool, name, payload, history=history)
+        limit = Future()
+        limit.set_result((None, None, f"Error: tool-call limit ({max_calls}) reached; give your answer"))
+        return limit
+    text = tokenizer.decode(r.tokens, skip_special_tokens=True)
+    return pool.submit(tools.run_call, box, text, [(name, payload) for name, payload, _ in r.calls])
 
 
 @torch.no_grad()
-def generate_rollouts(model, tokenizer, rollouts, sampling, call_tool, cost=None):
+def generate_rollouts(model, tokenizer, rollouts, sampling, box, cost=None):
     """The tool loop (spec section 1), batched, on one KV cache per batch: sample until a closing
     tool tag, </answer>, EOS or the budget; a rollout that stops at a tool tag waits (its call runs
     in the background at once) while the others go on; when none is sampling, the results are fed
     as masked tokens (m_t = 0) into the same cache and sampling resumes. Nothing is prefilled twice:
     not the prompt of N rollouts, not a parent's prefix for its branches, not a rollout after a call.
-    `call_tool(name, payload, history) -> str`. `cost` (a dict), if given, adds up the work done."""
+    `box` is the tools (tools.toolbox()). `cost` (a dict), if given, adds up the work done."""
     texts, pad = token_texts(tokenizer), tokenizer.pad_token_id
     cost = {} if cost is None else cost
     todo = [r for r in rollouts if not r.done]
     with ThreadPoolExecutor(max_workers=8) as pool:
         for s in range(0, len(todo), sampling.batch_size):
-            _generate_batch(model, tokenizer, todo[s:s + sampling.batch_size], sampling, call_tool, pool, texts,
+            _generate_batch(model, tokenizer, todo[s:s + sampling.batch_size], sampling, box, pool, texts,
                             pad, cost)
     for r in rollouts:
         r.text = tokenizer.decode(r.tokens, skip_special_tokens=True)
     return rollouts
 
 
-def _generate_batch(model, tokenizer, rows, sampling, call_tool, pool, texts, pad, cost):
+def add_token(r, t, logp, entropy, tail, texts, stops, eos_id, budget):
+    """Append a sampled token to rollout r -> (why the turn stops: None, "eos", "length" or the stop
+    string that just ended; the new tail text)."""
+    r.tokens.append(t), r.mask.append(1), r.logp.append(logp), r.entropy.append(entropy)
+    piece = texts[t] if t < len(texts) else ""
+    end = "eos" if t == eos_id else find_stop(tail, piece, stops)
+    if end is None and len(r.tokens) >= budget:
+        end = "length"
+    return end, (tail + piece)[-32:]
+
+
+def add_result(r, call, tokenizer, budget):
+    """Append a finished call's result to rollout r as masked tokens (m_t = 0) and record the call
+    -> the result's token ids to feed, or None when the budget ran out inside the result."""
+    name, payload, result = call
+    ids = tokenizer(tools.format_result(result), add_special_tokens=False)["input_ids"]
+    kept = ids[:budget - len(r.tokens)]
+    r.tokens += kept
+    r.mask += [0] * len(kept)
+    r.logp += [0.0] * len(kept)
+    r.entropy += [0.0] * len(kept)
+    if name is not None:                                   # malformed calls and the limit are not calls
+        r.calls.append((name, payload, len(r.tokens)))
+    if len(kept) < len(ids) or len(r.tokens) >= budget:    # cut inside a tool result
+        r.done, r.truncated = True, True
+        return None
+    return ids
+
+
+def _generate_batch(model, tokenizer, rows, sampling, box, pool, texts, pad, cost):
     t0 = time.time()
+    tool_stops = tools.stop_strings(box)
+    stops = tool_stops + ("</answer>",)
     d, prefill = start_decoding(model, [r.prompt + r.tokens for r in rows], pad)
     add = lambda k, v: cost.__setitem__(k, cost.get(k, 0) + v)
     add("prefill_tokens", prefill)
     tails = [tail_text(r.tokens, texts) for r in rows]
     waiting = {}                                           # batch row -> future of its tool result
     for j, r in enumerate(rows):                           # a branch that kept a whole closing tag
-        if r.tokens and r.mask[-1] and tails[j].rstrip().endswith(tools.STOP_STRINGS):
-            waiting[j] = submit_call(pool, call_tool, tool_request(r, tokenizer, sampling.max_tool_calls))
+        if r.tokens and r.mask[-1] and tails[j].rstrip().endswith(tool_stops):
+            waiting[j] = start_call(pool, box, r, tokenizer, sampling.max_tool_calls)
     live = list(range(len(rows)))                          # batch row b holds rows[live[b]]
     while live:
         new, keep = [], []
@@ -989,38 +1050,21 @@ def _generate_batch(model, tokenizer, rows, sampling, call_tool, pool, texts, pa
                 if j in waiting:
                     new.append([]), keep.append(b)
                     continue
-                r.tokens.append(t), r.mask.append(1), r.logp.append(lp), r.entropy.append(h)
-                piece = texts[t] if t < len(texts) else ""
-                end = "eos" if t == tokenizer.eos_token_id else find_stop(tails[j], piece)
-                tails[j] = (tails[j] + piece)[-32:]
-                if end in tools.STOP_STRINGS:
-                    waiting[j] = submit_call(pool, call_tool, tool_request(r, tokenizer, sampling.max_tool_calls))
-                elif end is None and len(r.tokens) >= sampling.max_response_tokens:
-                    end = "length"
-                if end is None or end in tools.STOP_STRINGS:
+                end, tails[j] = add_token(r, t, lp, h, tails[j], texts, stops, tokenizer.eos_token_id,
+                                          sampling.max_response_tokens)
+                if end in tool_stops:
+                    waiting[j] = start_call(pool, box, r, tokenizer, sampling.max_tool_calls)
+                if end is None or end in tool_stops:
                     new.append([t]), keep.append(b)
                 else:                                      # eos, </answer> or the budget: finished
                     r.done, r.truncated = True, end == "length"
-            add("generated_tokens", len(tok) - len(waiting))
         else:                                              # every live row waits: feed the results
             t1 = time.time()
             for b, j in enumerate(live):
-                r = rows[j]
-                name, payload, _ = tool_request(r, tokenizer, sampling.max_tool_calls)
-                ids = tokenizer(tools.format_result(waiting.pop(j).result()), add_special_tokens=False)["input_ids"]
-                room = sampling.max_response_tokens - len(r.tokens)
-                r.tokens += ids[:room]
-                r.mask += [0] * len(ids[:room])
-                r.logp += [0.0] * len(ids[:room])
-                r.entropy += [0.0] * len(ids[:room])
-                tails[j] = tail_text(r.tokens, texts)
-                if name != "error":
-                    r.calls.append((name, payload, len(r.tokens)))
-                if len(ids) >= room:                       # cut inside a tool result
-                    r.done, r.truncated = True, True
-                else:
+                ids = add_result(rows[j], waiting.pop(j).result(), tokenizer, sampling.max_response_tokens)
+                tails[j] = tail_text(rows[j].tokens, texts)
+                if ids is not None:
                     new.append(ids), keep.append(b)
-            add("tool_calls", len(live))
             add("tool_wait_s", time.time() - t1)
         if keep and len(keep) < len(live):
             keep_rows(d, keep)
@@ -1030,10 +1074,10 @@ def _generate_batch(model, tokenizer, rows, sampling, call_tool, pool, texts, pa
     add("generate_s", time.time() - t0)
 
 
-def run_agent(model, tokenizer, prompts, sampling, call_tool, cost=None):
+def run_agent(model, tokenizer, prompts, sampling, box, cost=None):
     """Answer each prompt (token ids) once with the tool loop. Used by evaluation and eval.py."""
     rollouts = [Rollout(example=i, prompt=list(p), root=i) for i, p in enumerate(prompts)]
-    return generate_rollouts(model, tokenizer, rollouts, sampling, call_tool, cost)
+    return generate_rollouts(model, tokenizer, rollouts, sampling, box, cost)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1078,7 +1122,8 @@ def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_ent
     ids, attn, mask, P = pad_batch(rollouts, pad_id, device)
     b, T = mask.shape
     pos = (attn.cumsum(-1) - 1).clamp(min=0)                                 # RoPE positions skip left pads
-    if any(getattr(model.config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+    post = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+    if any(getattr(model.config, k, None) for k in post):
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
                        logits_to_keep=T + 1).logits[:, :-1].float() / temperature
         logp = logits.log_softmax(-1).gather(-1, ids[:, P:, None])[..., 0]
@@ -1181,73 +1226,71 @@ def on_device(model, device):
         model.to("cpu")
 
 
-def expand_tree(model, anchor, tokenizer, prompts, cfg, call_tool, content_ids):
+def branch_round(model, anchor, rollouts, frontier, count, cfg, recipe, content_ids, pad_id, stats):
+    """One round of spec section 2 on the newest rollouts (`frontier`): Eqs. 3-5 score their
+    candidates (H_t and log pi come from the sampler), the top-B per rollout are picked, and where
+    a prompt would overshoot M the globally best points are kept. -> the new branches (not sampled)."""
+    rows = [rollouts[i] for i in frontier]
+    score = lambda m: score_rollouts(m, rows, cfg.temperature, pad_id, cfg.micro_batch_size, cfg.logit_chunk)
+    if recipe.branch_rule != "bs":
+        logp = anchor_logp = [torch.tensor(r.logp) for r in rows]          # Omega unused
+    elif cfg.omega_anchor == "sampler":
+        logp, anchor_logp = score(model), [torch.tensor(r.logp) for r in rows]
+    else:
+        with on_device(anchor, next(model.parameters()).device):
+            logp, anchor_logp = [torch.tensor(r.logp) for r in rows], score(anchor)
+    mask, entropy = stack_rows([r.mask for r in rows]), stack_rows([r.entropy for r in rows])
+    omega = future_values(stack_rows(logp), stack_rows(anchor_logp), mask, half_life=cfg.half_life)   # Eq. 4
+    cands = candidate_mask(rows, content_ids, recipe.keep_branch_token, recipe.candidates == "after_tool")
+    points, priority, degenerate = select_branch_points(entropy, omega, cands, cfg.branch_points,
+                                                        rule=recipe.branch_rule)   # Eq. 5, top-B
+    stats["tree/omega_degenerate"] += int(degenerate.sum())
+    stats["tree/scored"] += int(cands.any(-1).sum())                         # rows that could branch
+    stats["tree/rounds"] += 1
+    record_signals(rows, entropy, omega, cands)
+    by_prompt, new = {}, []
+    for i, pts, pri in zip(frontier, points, priority):
+        for t, p in zip(pts, pri):
+            by_prompt.setdefault(rollouts[i].example, []).append((p, i, t))
+    for ex, cand in by_prompt.items():
+        cand.sort(key=lambda c: -c[0])
+        for _, i, t in cand[:cfg.group_size - count[ex]]:
+            new.append(branch_from(rollouts[i], i, t, recipe.keep_branch_token))
+            rollouts[i].branch_points.append(t)
+    return new
+
+
+def expand_tree(model, anchor, tokenizer, prompts, cfg, recipe, box, content_ids):
     """All rollouts of one RL step: N per prompt, then rounds of branching until M per prompt.
-    Returns (rollouts with the initial ones first, branching statistics)."""
-    sampling = sampling_of(cfg)
-    device = next(model.parameters()).device
-    arpo = cfg.algo == "arpo"
-    keep = cfg.keep_branch_token and not arpo              # ARPO re-samples at the tool boundary
-    n_init = cfg.group_size if cfg.algo == "grpo" else cfg.n_initial
-    rollouts = [Rollout(example=i, prompt=p) for i, p in enumerate(prompts) for _ in range(n_init)]
+    Returns (rollouts with the initial ones first, statistics of the tree and of what it cost)."""
+    sampling, cost = sampling_of(cfg), {}
+    rollouts = [Rollout(example=i, prompt=p) for i, p in enumerate(prompts)
+                for _ in range(recipe.initial_rollouts)]
     for i, r in enumerate(rollouts):
         r.root = i
-    cost = {}
-    generate_rollouts(model, tokenizer, rollouts, sampling, call_tool, cost)
+    generate_rollouts(model, tokenizer, rollouts, sampling, box, cost)
     frontier = list(range(len(rollouts)))
-    rule = "entropy" if arpo else cfg.branch_score
     stats = {"tree/omega_degenerate": 0, "tree/scored": 0, "tree/rounds": 0}
-    while frontier and cfg.algo != "grpo":
+    while frontier and recipe.branching:
         count = per_prompt(rollouts, len(prompts))
         frontier = [i for i in frontier if count[rollouts[i].example] < cfg.group_size]
-        if not frontier:
-            break
-        ##### branching score (Eqs. 3-5) on the newest rollouts; H_t and log pi come from the sampler #####
-        rows = [rollouts[i] for i in frontier]
-        score = lambda m: score_rollouts(m, rows, cfg.temperature, tokenizer.pad_token_id,
-                                         cfg.micro_batch_size, cfg.logit_chunk)
-        if rule != "bs":
-            logp = anchor_logp = [torch.tensor(r.logp) for r in rows]       # Omega unused
-        elif cfg.omega_anchor == "sampler":
-            logp, anchor_logp = score(model), [torch.tensor(r.logp) for r in rows]
-        else:
-            with on_device(anchor, device):
-                logp, anchor_logp = [torch.tensor(r.logp) for r in rows], score(anchor)
-        mask = stack_rows([r.mask for r in rows])
-        omega = future_values(stack_rows(logp), stack_rows(anchor_logp), mask, half_life=cfg.half_life)
-        cands = candidate_mask(rows, content_ids, keep, after_tool_only=arpo)
-        points, priority, degenerate = select_branch_points(
-            stack_rows([r.entropy for r in rows]), omega, cands, cfg.branch_points, rule=rule)
-        stats["tree/omega_degenerate"] += int(degenerate.sum())
-        stats["tree/scored"] += int(cands.any(-1).sum())                      # rows that could branch
-        stats["tree/rounds"] += 1
-        record_signals(rows, stack_rows([r.entropy for r in rows]), omega, cands)
-        ##### keep the globally best points where a round would overshoot M #####
-        by_prompt = {}
-        for i, pts, pri in zip(frontier, points, priority):
-            for t, p in zip(pts, pri):
-                by_prompt.setdefault(rollouts[i].example, []).append((p, i, t))
-        new = []
-        for ex, cand in by_prompt.items():
-            cand.sort(key=lambda c: -c[0])
-            for _, i, t in cand[:cfg.group_size - count[ex]]:
-                new.append(branch_from(rollouts[i], i, t, keep))
-                rollouts[i].branch_points.append(t)
+        new = branch_round(model, anchor, rollouts, frontier, count, cfg, recipe, content_ids,
+                           tokenizer.pad_token_id, stats) if frontier else []
         if not new:
             break
-        generate_rollouts(model, tokenizer, new, sampling, call_tool, cost)
+        generate_rollouts(model, tokenizer, new, sampling, box, cost)
         frontier = list(range(len(rollouts), len(rollouts) + len(new)))
         rollouts += new
-    if arpo:   # Decision: ARPO's shortfall (rollouts without tool calls) -> fresh rollouts
+    if recipe.refill:   # Decision: ARPO's shortfall (rollouts without tool calls) -> fresh rollouts
         count = per_prompt(rollouts, len(prompts))
         extra = [Rollout(example=e, prompt=prompts[e]) for e in range(len(prompts))
                  for _ in range(cfg.group_size - count[e])]
         for j, r in enumerate(extra):
             r.root = len(rollouts) + j
-        generate_rollouts(model, tokenizer, extra, sampling, call_tool, cost)
+        generate_rollouts(model, tokenizer, extra, sampling, box, cost)
         rollouts += extra
-    stats.update({"cost/prefill_tokens": cost.get("prefill_tokens", 0), "time/generate_s": cost.get("generate_s", 0.0),
-                  "time/tool_wait_s": cost.get("tool_wait_s", 0.0)})
+    stats["cost/prefill_tokens"] = cost.get("prefill_tokens", 0)
+    stats.update({f"time/{k}": cost.get(k, 0) for k in ("generate_s", "tool_wait_s")})
     return rollouts, stats
 
 
@@ -1257,8 +1300,8 @@ def record_signals(rows, entropy, omega, candidates):
     bs = branching_score(entropy, omega, candidates)
     for j, r in enumerate(rows):
         n = len(r.tokens)
-        r.signals = {"omega": omega[j, :n].tolist(), "z_h": z_h[j, :n].tolist(), "z_omega": z_omega[j, :n].tolist(),
-                     "bs": bs[j, :n].tolist(), "candidate": candidates[j, :n].int().tolist()}
+        r.signals = {"omega": omega[j, :n].tolist(), "z_h": z_h[j, :n].tolist(), "bs": bs[j, :n].tolist(),
+                     "z_omega": z_omega[j, :n].tolist(), "candidate": candidates[j, :n].int().tolist()}
 
 
 def sampling_of(cfg, greedy=False):
@@ -1271,20 +1314,21 @@ def sampling_of(cfg, greedy=False):
 # ---------------------------------------------------------------------------------------------
 # Credit and update (spec section 3)
 # ---------------------------------------------------------------------------------------------
-def rollout_advantages(rollouts, cfg):
+def rollout_advantages(rollouts, recipe):
     """Base advantage per token for the rollouts that are trained -> (trained rollouts, rows).
-    appo: Eq. 6 dual groups, prefix-averaged on the initial rollouts, which alone are trained.
-    grpo / arpo: one group per prompt, every rollout trained, one value per rollout."""
+    With prefix credit (APPO): Eq. 6 groups (dual or one), prefix-averaged on the initial rollouts,
+    which alone are trained. Without (GRPO, ARPO): one group per prompt, every rollout trained, one
+    value per rollout."""
     R = torch.tensor([r.reward for r in rollouts])
     prompt = torch.tensor([r.example for r in rollouts])
     is_branch = torch.tensor([r.parent >= 0 for r in rollouts])
-    if cfg.algo != "appo":
+    if not recipe.prefix_credit:
         adv = dual_group_advantages(R, prompt, torch.zeros_like(is_branch))
         rows = [torch.full((len(r.tokens),), float(a)) for r, a in zip(rollouts, adv)]
         for r, a in zip(rollouts, rows):
             r.adv = a.tolist()
         return rollouts, rows
-    adv = dual_group_advantages(R, prompt, is_branch if cfg.dual_group else torch.zeros_like(is_branch))
+    adv = dual_group_advantages(R, prompt, is_branch if recipe.dual_group else torch.zeros_like(is_branch))
     root = torch.tensor([r.root for r in rollouts])
     fork = torch.tensor([r.root_fork for r in rollouts])
     T = max(max(len(r.tokens) for r in rollouts), 1)
@@ -1299,12 +1343,11 @@ def rollout_advantages(rollouts, cfg):
     return train, rows
 
 
-def ppo_update(model, optimizer, train, advs, ref_logps, cfg, pad_id):
+def ppo_update(model, optimizer, train, advs, ref_logps, cfg, recipe, pad_id):
     """PPO mini-batches over prompts, micro-batches for memory; one optimizer step per mini-batch.
     pi_old is the sampler's log-probs (same weights, nothing recomputed). Forward passes run
     under autocast when cfg.dtype asks for bf16; weights and optimizer state stay float32.
     A non-finite loss or gradient skips that optimizer step and is counted."""
-    b = cfg.future_weight if cfg.algo == "appo" else 0.0                       # Eq. 7 is APPO's
     device = next(model.parameters()).device
     by_prompt = {}
     for i, r in enumerate(train):
@@ -1326,7 +1369,7 @@ def ppo_update(model, optimizer, train, advs, ref_logps, cfg, pad_id):
                 row = lambda xs: stack_rows([xs[i] for i in micro], T).to(device)
                 loss, metrics = appo_policy_loss(
                     logp, row([r.logp for r in train]), row(advs), mask, half_life=cfg.half_life,
-                    future_weight=b, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                    future_weight=recipe.future_weight, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                     dual_clip=cfg.dual_clip, ref_logp=row(ref_logps) if ref_logps else None,
                     kl_coef=cfg.kl_coef)
                 if not torch.isfinite(loss):
@@ -1342,7 +1385,7 @@ def ppo_update(model, optimizer, train, advs, ref_logps, cfg, pad_id):
                 skipped += 1
                 continue
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)                              # no gradients held between steps
+            optimizer.zero_grad(set_to_none=True)                              # free them until the next
             updates += 1
             norms.append(float(grad_norm))
     out = {f"loss/{k}": v / max(n_rows, 1) for k, v in sums.items()}
@@ -1354,9 +1397,6 @@ def ppo_update(model, optimizer, train, advs, ref_logps, cfg, pad_id):
 # ---------------------------------------------------------------------------------------------
 # Cold-start SFT (the paper's first stage): traces with the tag protocol inline
 # ---------------------------------------------------------------------------------------------
-_RESULT_SPAN = re.compile(r" <result>\n.*?\n</result>", re.DOTALL)
-
-
 def trace_segments(response):
     """An SFT response -> [(text, is_tool_result)], split at its ` <result>\n...\n</result>` spans
     (exactly what the agent loop appends after a call, so tokens split the same way as in RL).
@@ -1393,7 +1433,8 @@ def sft(model, rows, *, steps, batch_size, lr, warmup, seed, pad_id, dtype="floa
     device = next(model.parameters()).device
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    shape = lambda s: min(1.0, (s + 1) / max(warmup, 1)) * (0.55 + 0.45 * math.cos(math.pi * s / max(steps, 1)))
+    shape = lambda s: (min(1.0, (s + 1) / max(warmup, 1))
+                       * (0.55 + 0.45 * math.cos(math.pi * s / max(steps, 1))))   # warm-up, cosine to 10 %
     sched = torch.optim.lr_scheduler.LambdaLR(opt, shape)
     model.train()
     losses, bar = [], progress(range(steps), desc=desc)
@@ -1417,10 +1458,11 @@ def build_toy(cfg):
     """The embedded default (toy.py): world, tokenizer, tiny model and cold-start SFT, each cached
     in out_dir. -> (SFT checkpoint dir, splits {sft, rl, val, test})."""
     import toy
-    sizes = {"test": cfg.toy_test_size, "val": cfg.toy_val_size, "rl": cfg.toy_rl_size, "sft": cfg.toy_sft_size}
+    sizes = {"test": cfg.toy_test_size, "val": cfg.toy_val_size, "rl": cfg.toy_rl_size,
+             "sft": cfg.toy_sft_size}
     splits, corpus, init = toy.build(
-        cfg.toy_dir or cfg.out_dir, cfg.seed, sizes, cfg.toy_wrong_rate, cfg.toy_error_rate, cfg.toy_hidden, cfg.toy_layers,
-        cfg.toy_heads,
+        cfg.toy_dir or cfg.out_dir, cfg.seed, sizes, cfg.toy_wrong_rate, cfg.toy_error_rate, cfg.toy_hidden,
+        cfg.toy_layers, cfg.toy_heads,
         prompt_text=lambda q: build_prompt_text(q, toy.SYSTEM_PROMPT))
     cfg.search_corpus = cfg.search_corpus or corpus
     cfg.system_prompt = toy.SYSTEM_PROMPT
@@ -1429,7 +1471,8 @@ def build_toy(cfg):
         return sft_dir, splits
     model, tokenizer = load_model(init, cfg)
     if tokenizer.tokenize("Kalove 714") != ["Ka", "lo", "ve", " ", "7", "1", "4"]:
-        raise RuntimeError(f"the toy tokenizer did not load back intact from {init} ({type(tokenizer).__name__})")
+        raise RuntimeError(f"the toy tokenizer did not load back intact from {init} "
+                           f"({type(tokenizer).__name__})")
     rows = [sft_rollout(tokenizer, build_prompt(tokenizer, ex["question"], ex["kind"], cfg.system_prompt),
                         ex["response"]) for ex in splits["sft"]]
     sft(model, rows, steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, warmup=cfg.sft_warmup,
@@ -1546,7 +1589,7 @@ def load_examples(path):
         if "prompt" in row and "reward_model" in row:                 # verl format
             try:
                 messages = [{"role": m["role"], "content": m["content"].replace("\x08", "\\b")}
-                            for m in row["prompt"]]                    # the paper's prompt has \b -> backspace
+                            for m in row["prompt"]]                    # the paper's \b became a backspace
                 gold = row["reward_model"]["ground_truth"]
             except (KeyError, TypeError, AttributeError) as e:
                 raise DataError(f"{where}: malformed verl row ({e!r})") from None
@@ -1636,14 +1679,15 @@ def answer_metrics(examples, rollouts, k=1):
         if k > 1:
             out[f"pass@{k}/{t}"] = mean([any(rollouts[i * k + j].score >= 1 for j in range(k)) for i in idx])
     if k > 1:
-        out[f"pass@{k}"] = mean([any(rollouts[i * k + j].score >= 1 for j in range(k)) for i in range(len(examples))])
+        out[f"pass@{k}"] = mean([any(rollouts[i * k + j].score >= 1 for j in range(k))
+                                 for i in range(len(examples))])
     for cause in ("truncated", "no_answer", "unbalanced_tags"):
         out[f"bad_format/{cause}"] = mean([r.format_error == cause for r in rollouts])
     out["tokens/answer"] = mean([sum(r.mask) for r in rollouts])
     return out
 
 
-def evaluate(model, tokenizer, examples, cfg, call_tool, desc="eval", samples=1):
+def evaluate(model, tokenizer, examples, cfg, box, desc="eval", samples=1):
     """The tool agent on `examples` -> answer_metrics: greedy (samples=1, pass@1) or `samples`
     answers per question at the training temperature (pass@k)."""
     model.eval()
@@ -1653,7 +1697,7 @@ def evaluate(model, tokenizer, examples, cfg, call_tool, desc="eval", samples=1)
     rollouts, bar = [], progress(total=len(prompts), desc=desc)
     for i in range(0, len(prompts), cfg.gen_batch_size):
         with autocast(device, cfg.dtype):
-            part = run_agent(model, tokenizer, prompts[i:i + cfg.gen_batch_size], sampling, call_tool)
+            part = run_agent(model, tokenizer, prompts[i:i + cfg.gen_batch_size], sampling, box)
         for j, r in enumerate(part):
             r.example = (i + j) // samples
         rollouts += part
@@ -1690,7 +1734,8 @@ def load_data(cfg):
     """-> (model to start from, train, val, test). Data rows are checked before any work; without
     --model the toy world is built (cached under toy_dir) and its splits are used."""
     try:
-        train, val, test = (load_examples(p) if p else None for p in (cfg.train_data, cfg.val_data, cfg.test_data))
+        train, val, test = (load_examples(p) if p else None
+                            for p in (cfg.train_data, cfg.val_data, cfg.test_data))
     except DataError as e:
         stop("appo.py", str(e))
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -1730,12 +1775,14 @@ def step_metrics(step, batch, rollouts, tree, update, seconds):
 def rollout_record(r, index, texts):
     """One rollout for the tree page: its tokens as text and every per-token signal (report.py)."""
     sig = r.signals
-    return {"id": index[id(r)], "parent": index.get(r.parent, -1), "root": index.get(r.root, -1), "fork": r.fork,
+    return {"id": index[id(r)], "parent": index.get(r.parent, -1), "root": index.get(r.root, -1),
+            "fork": r.fork,
             "branch_pos": r.branch_pos, "tokens": [texts[t] if t < len(texts) else "" for t in r.tokens],
             "mask": r.mask, "entropy": r.entropy, "omega": sig.get("omega"), "z_h": sig.get("z_h"),
             "z_omega": sig.get("z_omega"), "bs": sig.get("bs"), "candidate": sig.get("candidate"),
             "adv": r.adv or None, "branch_points": r.branch_points, "reward": r.reward, "score": r.score,
-            "format_ok": r.format_ok, "tool_calls": r.tool_calls, "truncated": r.truncated, "trained": bool(r.adv)}
+            "format_ok": r.format_ok, "tool_calls": r.tool_calls, "truncated": r.truncated,
+            "trained": bool(r.adv)}
 
 
 def step_record(step, cfg, batch, rollouts, texts, n_prompts):
@@ -1744,7 +1791,8 @@ def step_record(step, cfg, batch, rollouts, texts, n_prompts):
     for e in range(min(n_prompts, len(batch))):
         mine = [(i, r) for i, r in enumerate(rollouts) if r.example == e]
         index = {i: k for k, (i, _) in enumerate(mine)} | {id(r): k for k, (_, r) in enumerate(mine)}
-        prompts.append({"question": batch[e]["question"], "answer": batch[e]["answer"], "kind": batch[e]["kind"],
+        ex = batch[e]
+        prompts.append({"question": ex["question"], "answer": ex["answer"], "kind": ex["kind"],
                         "rollouts": [rollout_record(r, index, texts) for _, r in mine]})
     return {"step": step, "algo": cfg.algo, "run": cfg.out_dir, "prompts": prompts}
 
@@ -1772,98 +1820,146 @@ def print_step(m, steps):
           flush=True)
 
 
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    seed_everything(cfg.seed)
-    t_start = time.time()
-    model_path, train, val, test = load_data(cfg)
-    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
-    ckpt = find_checkpoint(ckpt_dir) if cfg.resume else None
+@dataclass
+class Run:
+    """What a training run holds between steps (infrastructure, kept out of the math)."""
+    cfg: Config
+    recipe: Recipe
+    model: object
+    tokenizer: object
+    optimizer: object
+    anchor: object                      # pi_anchor of Eq. 4 (a CPU copy; None for the sampler anchor)
+    ref: object                         # the initial policy, for the KL term or the ref anchor
+    box: dict                           # the tools
+    start: int = 0                      # last finished step (a resumed run goes on from it)
+    before: dict = None                 # the SFT checkpoint's evaluation, measured once
+
+    @property
+    def metrics_path(self):
+        return os.path.join(self.cfg.out_dir, "metrics.jsonl")
+
+
+def start_run(cfg, recipe, model_path):
+    """Model, anchor, reference, optimizer and tools; from the last checkpoint when --resume."""
+    ckpt = find_checkpoint(os.path.join(cfg.out_dir, "ckpt")) if cfg.resume else None
     model, tokenizer = load_model(ckpt or model_path, cfg)
-    seed_everything(cfg.seed)                                   # RL draws the same whether or not the toy was just built
-    device = next(model.parameters()).device
-    call_tool = functools.partial(tools.call_tool, search=make_search(cfg), timeout=cfg.tool_timeout)
+    seed_everything(cfg.seed)                   # RL draws the same whether or not the toy was just built
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    ref = frozen_copy(load_model(model_path, cfg)[0]) if cfg.kl_coef > 0 or cfg.omega_anchor == "ref" else None
-    anchor = {"prev": frozen_copy(model), "ref": ref, "sampler": None}[cfg.omega_anchor]   # pi_anchor of Eq. 4
+        json.dump({**dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe)}, f, indent=2)
+    needs_ref = cfg.kl_coef > 0 or cfg.omega_anchor == "ref"
+    ref = frozen_copy(load_model(model_path, cfg)[0]) if needs_ref else None
+    anchor = {"prev": frozen_copy(model), "ref": ref, "sampler": None}[cfg.omega_anchor]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    content_ids, texts = content_token_mask(tokenizer), token_texts(tokenizer)
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    reporter = make_reporter(cfg)
-    start, before = 0, None
+    run = Run(cfg, recipe, model, tokenizer, optimizer, anchor, ref,
+              tools.toolbox(search_backend=make_search(cfg), timeout=cfg.tool_timeout))
     if ckpt:
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("anchor") is not None and cfg.omega_anchor == "prev":
-            anchor.load_state_dict(state["anchor"])
-        start, before = state["step"], state["before"]
+        run.optimizer.load_state_dict(state["optimizer"])
+        if state.get("anchor") is not None:
+            run.anchor.load_state_dict(state["anchor"])
+        run.start, run.before = state["step"], state["before"]
         set_rng_state(state["rng"])
-        kept = [m for m in read_jsonl(metrics_path) if m["step"] <= start] if os.path.exists(metrics_path) else []
-        write_jsonl(metrics_path, kept)                         # drop steps logged after the checkpoint
-        print(f"resumed from {ckpt} at step {start}")
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    if before is None:                                          # the SFT checkpoint, measured once
-        before = {"test": evaluate(model, tokenizer, test, cfg, call_tool, "test, before RL") if test else {},
-                  "val": evaluate(model, tokenizer, val, cfg, call_tool, f"val pass@{cfg.pass_k}", cfg.pass_k)
-                  if val and cfg.pass_k > 1 else {}}
-        print(f"before RL: test accuracy {before['test'].get('acc', float('nan')):.3f}, "
-              f"val pass@{cfg.pass_k} {before['val'].get(f'pass@{cfg.pass_k}', float('nan')):.3f}")
+        kept = [m for m in read_jsonl(run.metrics_path) if m["step"] <= run.start] \
+            if os.path.exists(run.metrics_path) else []
+        write_jsonl(run.metrics_path, kept)                    # drop steps logged after the checkpoint
+        print(f"resumed from {ckpt} at step {run.start}")
+    elif os.path.exists(run.metrics_path):
+        os.remove(run.metrics_path)
+    return run
 
-    def checkpoint(step):
-        save_hf(model, tokenizer, ckpt_dir, extra={
-            "step": step, "optimizer": optimizer.state_dict(), "before": before,
-            "anchor": anchor.state_dict() if cfg.omega_anchor == "prev" else None, "rng": rng_state()})
 
-    for step in range(start + 1, cfg.steps + 1):
-        order = random.Random(cfg.seed * 1_000_003 + step).sample(range(len(train)), min(cfg.prompts_per_step, len(train)))
-        batch = [train[i] for i in order]
-        prompts = [example_prompt(tokenizer, e, cfg) for e in batch]
+def save_checkpoint(run, step):
+    """HF checkpoint + optimizer, anchor, RNG and the SFT evaluation, atomically (see save_hf)."""
+    save_hf(run.model, run.tokenizer, os.path.join(run.cfg.out_dir, "ckpt"), extra={
+        "step": step, "optimizer": run.optimizer.state_dict(), "before": run.before, "rng": rng_state(),
+        "anchor": run.anchor.state_dict() if run.cfg.omega_anchor == "prev" else None})
+
+
+def log_step(run, step, batch, rollouts, tree, update, seconds, reporter):
+    """metrics.jsonl (and the optional mirror), the tree page every tree_every steps, and at each
+    checkpoint the curves and the run's index page."""
+    cfg, texts = run.cfg, token_texts(run.tokenizer)
+    m = step_metrics(step, batch, rollouts, tree, update, seconds)
+    m.update(report.fork_statistics([rollout_record(r, {id(r): 0}, texts) for r in rollouts]))
+    with open(run.metrics_path, "a") as f:
+        f.write(json.dumps(m) + "\n")
+    print_step(m, cfg.steps)
+    if reporter:
+        reporter(m)
+    if cfg.tree_every and (step % cfg.tree_every == 0 or step == cfg.steps):
+        record = step_record(step, cfg, batch, rollouts, texts, cfg.tree_prompts)
+        with open(os.path.join(cfg.out_dir, f"tree_step{step}.json"), "w") as f:
+            json.dump(record, f)
+        report.write_tree_page(record, os.path.join(cfg.out_dir, f"tree_step{step}.html"))
+    if step % cfg.save_every == 0 or step == cfg.steps:
+        save_checkpoint(run, step)
+        report.plot_curves(read_jsonl(run.metrics_path), os.path.join(cfg.out_dir, "curves.png"))
+        report.write_index(cfg.out_dir)
+
+
+def step_batch(train, cfg, step):
+    """The step's prompts: a sample of the train split drawn from (seed, step) alone, so a resumed run
+    draws what the uninterrupted one did."""
+    order = random.Random(cfg.seed * 1_000_003 + step).sample(range(len(train)), min(cfg.prompts_per_step,
+                                                                                      len(train)))
+    return [train[i] for i in order]
+
+
+def evaluate_sft(run, val, test):
+    """The starting checkpoint: greedy accuracy on test, pass@k on validation."""
+    m, tok, cfg = run.model, run.tokenizer, run.cfg
+    before = {"test": evaluate(m, tok, test, cfg, run.box, "test, before RL") if test else {},
+              "val": evaluate(m, tok, val, cfg, run.box, f"val pass@{cfg.pass_k}", cfg.pass_k)
+              if val and cfg.pass_k > 1 else {}}
+    print(f"before RL: test accuracy {before['test'].get('acc', float('nan')):.3f}, "
+          f"val pass@{cfg.pass_k} {before['val'].get(f'pass@{cfg.pass_k}', float('nan')):.3f}")
+    return before
+
+
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    recipe = resolve(cfg)
+    seed_everything(cfg.seed)
+    t_start = time.time()
+    model_path, train, val, test = load_data(cfg)              # the toy world unless --model
+    run = start_run(cfg, recipe, model_path)
+    model, tokenizer, device = run.model, run.tokenizer, next(run.model.parameters()).device
+    content_ids, reporter = content_token_mask(tokenizer), make_reporter(cfg)
+    run.before = run.before or evaluate_sft(run, val, test)
+    for step in range(run.start + 1, cfg.steps + 1):
+        batch = step_batch(train, cfg, step)
         ##### rollout tree (spec section 2; Eqs. 3-5 choose the branch points) #####
         t0 = time.time()
         model.eval()
         with autocast(device, cfg.dtype):
-            rollouts, tree = expand_tree(model, anchor, tokenizer, prompts, cfg, call_tool, content_ids)
+            prompts = [example_prompt(tokenizer, e, cfg) for e in batch]
+            rollouts, tree = expand_tree(model, run.anchor, tokenizer, prompts, cfg, recipe, run.box,
+                                         content_ids)
         ##### reward #####
         t1 = time.time()
         answer_metrics(batch, rollouts)                         # sets reward, score, format_ok / _error
         ##### advantages (Eq. 6) #####
-        train_rows, advs = rollout_advantages(rollouts, cfg)
+        train_rows, advs = rollout_advantages(rollouts, recipe)
         ref_logps = None
         if cfg.kl_coef > 0:
-            with on_device(ref, device), autocast(device, cfg.dtype):
-                ref_logps = score_rollouts(ref, train_rows, cfg.temperature, tokenizer.pad_token_id,
+            with on_device(run.ref, device), autocast(device, cfg.dtype):
+                ref_logps = score_rollouts(run.ref, train_rows, cfg.temperature, tokenizer.pad_token_id,
                                            cfg.micro_batch_size, cfg.logit_chunk)
         ##### update (Eqs. 7-8) #####
         t2 = time.time()
-        if cfg.omega_anchor == "prev":                          # next step's anchor: weights before this update
-            anchor.load_state_dict(model.state_dict())
+        if cfg.omega_anchor == "prev":                          # next step's anchor: the weights before it
+            run.anchor.load_state_dict(model.state_dict())
         model.train()
-        update = ppo_update(model, optimizer, train_rows, advs, ref_logps, cfg, tokenizer.pad_token_id)
+        update = ppo_update(model, run.optimizer, train_rows, advs, ref_logps, cfg, recipe,
+                            tokenizer.pad_token_id)
         model.eval()
         ##### log / checkpoint #####
-        m = step_metrics(step, batch, rollouts, tree, update,
-                         {"rollout": t1 - t0, "reward": t2 - t1, "update": time.time() - t2})
-        m.update(report.fork_statistics([rollout_record(r, {id(r): 0}, texts) for r in rollouts]))
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        print_step(m, cfg.steps)
-        if reporter:
-            reporter(m)
-        if cfg.tree_every and (step % cfg.tree_every == 0 or step == cfg.steps):
-            record = step_record(step, cfg, batch, rollouts, texts, cfg.tree_prompts)
-            with open(os.path.join(cfg.out_dir, f"tree_step{step}.json"), "w") as f:
-                json.dump(record, f)
-            report.write_tree_page(record, os.path.join(cfg.out_dir, f"tree_step{step}.html"))
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            checkpoint(step)
-            report.plot_curves(read_jsonl(metrics_path), os.path.join(cfg.out_dir, "curves.png"))
-            report.write_index(cfg.out_dir)
+        log_step(run, step, batch, rollouts, tree, update,
+                 {"rollout": t1 - t0, "reward": t2 - t1, "update": time.time() - t2}, reporter)
     ##### final evaluation #####
     save_hf(model, tokenizer, os.path.join(cfg.out_dir, "final"))
-    after = evaluate(model, tokenizer, test, cfg, call_tool, "test, after RL") if test else {}
-    return write_summary(cfg, before, after, metrics_path, time.time() - t_start)
+    after = evaluate(model, tokenizer, test, cfg, run.box, "test, after RL") if test else {}
+    return write_summary(cfg, run.before, after, run.metrics_path, time.time() - t_start)
 
 
 def write_summary(cfg, before, after, metrics_path, wall_s):
@@ -1882,8 +1978,10 @@ def write_summary(cfg, before, after, metrics_path, wall_s):
         with open(os.path.join(cfg.out_dir, name), "w") as f:
             json.dump(obj, f, indent=2)
     if after:
-        kinds = ", ".join(f"{k[4:]} {before['test'][k]:.2f} -> {after[k]:.2f}" for k in after if k.startswith("acc/"))
-        print(f"held-out accuracy: before RL {before['test']['acc']:.3f}, after RL {after['acc']:.3f} ({kinds})")
+        kinds = ", ".join(f"{k[4:]} {before['test'][k]:.2f} -> {after[k]:.2f}"
+                          for k in after if k.startswith("acc/"))
+        print(f"held-out accuracy: before RL {before['test']['acc']:.3f}, after RL {after['acc']:.3f} "
+              f"({kinds})")
     print(json.dumps(timing))
     return summary
 

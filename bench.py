@@ -40,7 +40,7 @@ def memory(logit_chunk="1024", vocab=151_936, T=1024, P=64, rows=4):
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.time()
     model.train()
-    out = appo.ppo_update(model, optimizer, train, advs, None, cfg, pad_id=0)
+    out = appo.ppo_update(model, optimizer, train, advs, None, cfg, appo.resolve(cfg), pad_id=0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"one update, {rows} x ({P} + {T}) tokens, vocab {vocab}, {params:.1f}M params, logit_chunk "
@@ -84,8 +84,8 @@ def compare(seeds="0,1,2", out="out/compare", *extra):
         for name, (label, args) in VARIANTS.items():
             run = os.path.join(out, f"seed{seed}", name)
             if not os.path.exists(os.path.join(run, "summary.json")):
-                cmd = [sys.executable, "appo.py", f"--seed={seed}", f"--out_dir={run}", f"--toy_dir={toy_dir}",
-                       *args, *extra]
+                cmd = [sys.executable, "appo.py", f"--seed={seed}", f"--out_dir={run}",
+                       f"--toy_dir={toy_dir}", *args, *extra]
                 print(" ".join(cmd), flush=True)
                 with open(os.path.join(out, "log.txt"), "a") as log:
                     os.makedirs(run, exist_ok=True)
@@ -111,9 +111,11 @@ def comparison_table(rows):
     for name, runs in rows.items():
         s = [r[0] for r in runs]
         cells = [name, str(len(runs)), ms([x["after_rl"]["acc"] for x in s], 100),
-                 ms([x["gain"]["acc"] for x in s], 100), *[ms([x["after_rl"][k] for x in s], 100) for k in kinds],
+                 ms([x["gain"]["acc"] for x in s], 100),
+                 *[ms([x["after_rl"][k] for x in s], 100) for k in kinds],
                  ms([x["rl"]["tokens_generated_per_step"] for x in s], digits=0),
-                 ms([t["time/rollout_s"] + t["time/reward_s"] + t["time/update_s"] for _, t in runs], 1 / s[0]["steps"])]
+                 ms([t["time/rollout_s"] + t["time/reward_s"] + t["time/update_s"] for _, t in runs],
+                    1 / s[0]["steps"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

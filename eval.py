@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from appo import compute_reward, extract_answer, normalize_answer
+from appo import DataError, compute_reward, extract_answer, normalize_answer, read_jsonl
 
 
 @dataclass
@@ -57,6 +57,8 @@ class EvalArgs:
     """Retrieval server (e.g. a Search-R1 /retrieve endpoint); takes precedence over the corpus."""
     search_cache: str = ""
     """JSON file caching search results across runs."""
+    search_topk: int = 3
+    """Passages per search (reference code: 3-5; the toy uses its run's own setting)."""
     judge_url: str = ""
     """OpenAI-compatible base URL (…/v1) of the LLM judge for WebWalker, GAIA, HLE, Xbench.
     Empty: normalised exact match as a stand-in, marked * in the table."""
@@ -77,9 +79,9 @@ class EvalArgs:
 
 
 def die(message, code=1):
-    """Stop with one clear line on stderr instead of a traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+    """Stop with one clear line on stderr instead of a traceback (appo.stop, this script's name)."""
+    from appo import stop
+    stop("eval.py", message, code)
 
 
 def parse_args(argv):
@@ -120,7 +122,8 @@ BENCHMARKS = [
     Benchmark("hotpotqa", "HotpotQA", "knowledge", "f1", ("RUC-NLPIR/FlashRAG_datasets", "hotpotqa", "dev")),
     Benchmark("2wiki", "2Wiki", "knowledge", "f1", ("RUC-NLPIR/FlashRAG_datasets", "2wikimultihopqa", "dev")),
     Benchmark("musique", "MuSiQue", "knowledge", "f1", ("RUC-NLPIR/FlashRAG_datasets", "musique", "dev")),
-    Benchmark("bamboogle", "Bamboogle", "knowledge", "f1", ("RUC-NLPIR/FlashRAG_datasets", "bamboogle", "test")),
+    Benchmark("bamboogle", "Bamboogle", "knowledge", "f1",
+              ("RUC-NLPIR/FlashRAG_datasets", "bamboogle", "test")),
     Benchmark("gaia", "GAIA", "deep search", "judge", ("gaia-benchmark/GAIA", "2023_all", "validation")),
     Benchmark("hle", "HLE", "deep search", "judge", ("cais/hle", None, "test")),
     Benchmark("xbench", "Xbench", "deep search", "judge", ("xbench/DeepSearch", None, "train")),
@@ -133,10 +136,6 @@ PUBLISHED = {
     "ARPO": [30.0, 30.0, 78.8, 92.2, 88.8, 26.0, 58.8, 76.1, 31.1, 71.5, 58.3],
     "APPO": [36.7, 30.0, 81.0, 93.2, 90.0, 33.5, 66.5, 81.5, 31.5, 77.6, 62.2],
 }
-
-
-class DataError(Exception):
-    """A malformed benchmark row: the message names the file and line."""
 
 
 def golds_of(value, name):
@@ -180,21 +179,15 @@ def normalize_row(raw, name):
     return {"question": question, "golds": golds, "kind": raw.get("kind")}
 
 
-def read_jsonl(path, name):
-    """Rows of a local test.jsonl; a malformed line stops with the file and line number."""
+def read_benchmark(path, name):
+    """Rows of a local test.jsonl (appo.read_jsonl); a malformed line stops with the file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = normalize_row(json.loads(line), name)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if row is None:
-                raise DataError(f"{path}:{lineno}: no question (question/problem/Question) or no "
-                                "gold answer (answer/golden_answers/Final answer/solution)")
-            rows.append(row)
+    for lineno, raw in read_jsonl(path, numbered=True):
+        row = normalize_row(raw, name) if isinstance(raw, dict) else None
+        if row is None:
+            raise DataError(f"{path}:{lineno}: no question (question/problem/Question) or no "
+                            "gold answer (answer/golden_answers/Final answer/solution)")
+        rows.append(row)
     return rows
 
 
@@ -204,12 +197,12 @@ def load_benchmark(bench, args):
         path = os.path.join(args.toy_dir, "test.jsonl")
         if not os.path.exists(path):
             return f"{path} not found: run `python appo.py` first (it writes the toy world)"
-        rows = read_jsonl(path, "toy")
+        rows = read_benchmark(path, "toy")
     elif args.data_dir:
         path = os.path.join(args.data_dir, bench.name, "test.jsonl")
         if not os.path.exists(path):
             return f"{path} not found"
-        rows = read_jsonl(path, bench.name)
+        rows = read_benchmark(path, bench.name)
     else:
         try:
             import datasets
@@ -249,7 +242,8 @@ class JudgeError(Exception):
 def ask_judge(question, golds, pred, url, model, key="", timeout=60, retries=3):
     """1.0 if the judge says "correct", else 0.0. POSTs to {url}/chat/completions."""
     body = json.dumps({"model": model, "temperature": 0, "max_tokens": 8, "messages": [
-        {"role": "user", "content": JUDGE_PROMPT.format(question=question, golds=" | ".join(golds), pred=pred)}]})
+        {"role": "user",
+         "content": JUDGE_PROMPT.format(question=question, golds=" | ".join(golds), pred=pred)}]})
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     for attempt in range(retries):
         try:
@@ -380,7 +374,8 @@ def markdown(results, skipped, judged):
             star = "*" if b.metric == "judge" and not judged and b.name in results else ""
             cells.append(fmt(results[b.name]["pass@1"]) + star if b.name in results else "–")
         for key in CATEGORIES + ["avg10", "avg13"]:
-            cells.append(fmt(avg[key]["value"]) + ("" if avg[key]["complete"] or avg[key]["value"] is None else "†"))
+            partial = not avg[key]["complete"] and avg[key]["value"] is not None
+            cells.append(fmt(avg[key]["value"]) + ("†" if partial else ""))
         lines.append("| This run | " + " | ".join(cells) + " |")
         for method, v in PUBLISHED.items():  # paper: no MATH-free split, deep search in another table
             row = [f"{x:.1f}" for x in v[:10]] + ["–"] * 3 + ["–", "–", "–", f"{v[10]:.1f}", "–"]
@@ -391,7 +386,7 @@ def markdown(results, skipped, judged):
             notes.append("* no --judge_url: normalised exact match stands in for the paper's LLM judge "
                          "(Qwen2.5-72B-Instruct); expect lower numbers than a judge gives.")
         if any(not a["complete"] and a["value"] is not None for a in avg.values()):
-            notes.append("† average over the benchmarks evaluated only (some were skipped or not selected).")
+            notes.append("† average over the benchmarks evaluated only (some skipped or not selected).")
         lines.append("")
     n = next(iter(results.values()))["samples_per_question"] if results else 1
     pass_n = [f"pass@{n}"] if n > 1 else []
@@ -401,7 +396,8 @@ def markdown(results, skipped, judged):
     for name, r in results.items():
         b = next((b for b in BENCHMARKS if b.name == name), TOY)
         metric = "exact match*" if b.metric == "judge" and not judged else b.metric
-        cells = [name, b.category, metric, str(r["questions"]), fmt(r["pass@1"]), *[fmt(r[k]) for k in pass_n],
+        cells = [name, b.category, metric, str(r["questions"]), fmt(r["pass@1"]),
+                 *[fmt(r[k]) for k in pass_n],
                  fmt(r["format_ok"]), f"{r['tool_calls']:.2f}", f"{r['generated_tokens']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     notes += [f"Skipped {k}: {why}" for k, why in skipped.items()]
@@ -423,44 +419,42 @@ def select(spec):
     return [known[s] for s in names]
 
 
-def agent_config(args, bench):
-    """appo.Config for one benchmark: this run's sampling settings and the paper's budgets; the
-    toy starts from the resolved config appo.py saved (its system prompt and budgets)."""
+def agent_settings(args, bench):
+    """What appo's agent loop needs for one benchmark -> (Sampling, toolbox, system prompt): this
+    run's sampling settings and the paper's budgets; the toy takes the settings its appo.py run
+    saved (budgets, system prompt, search top-k), unless overridden here."""
     import appo
-    cfg = appo.Config()
-    run_config = os.path.join(os.path.dirname(os.path.normpath(args.toy_dir)), "config.json")
+    import tools
+    saved, run_config = {}, os.path.join(os.path.dirname(os.path.normpath(args.toy_dir)), "config.json")
     if bench is TOY and os.path.exists(run_config):
         with open(run_config) as f:
             saved = json.load(f)
-        cfg = dataclasses.replace(cfg, **{k.name: saved[k.name] for k in dataclasses.fields(cfg) if k.name in saved})
-    cfg.device, cfg.seed, cfg.top_p = args.device, args.seed, args.top_p
-    cfg.temperature = args.temperature if args.temperature > 0 else 1.0     # greedy ignores it
-    cfg.search_url, cfg.search_cache = args.search_url, args.search_cache
-    cfg.system_prompt = args.system_prompt or cfg.system_prompt
-    if bench is TOY:  # the toy run's own corpus and budgets unless overridden
-        cfg.search_corpus = args.search_corpus or os.path.join(args.toy_dir, "corpus.jsonl")
-    else:
-        cfg.search_corpus = args.search_corpus
-        cfg.max_response_tokens = 8192 if bench.category == "deep search" else 4096  # paper, section 4
-        cfg.max_tool_calls = 3 if bench.category == "math" else 6  # reference code
-    cfg.max_response_tokens = args.max_response_tokens or cfg.max_response_tokens
-    cfg.max_tool_calls = args.max_tool_calls or cfg.max_tool_calls
-    return cfg
+    paper_budget = 8192 if bench.category == "deep search" else 4096          # paper, section 4
+    sampling = appo.Sampling(
+        temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p,
+        greedy=args.temperature <= 0, batch_size=args.batch_size,
+        max_response_tokens=args.max_response_tokens or saved.get("max_response_tokens", paper_budget),
+        max_tool_calls=args.max_tool_calls or saved.get("max_tool_calls",
+                                                         3 if bench.category == "math" else 6))
+    corpus = args.search_corpus or (os.path.join(args.toy_dir, "corpus.jsonl") if bench is TOY else "")
+    backend = None
+    if corpus or args.search_url or args.search_cache:
+        backend = tools.Search(corpus=corpus or None, url=args.search_url or None,
+                               cache=args.search_cache or None,
+                               topk=saved.get("search_topk", args.search_topk))
+    box = tools.toolbox(search_backend=backend, timeout=saved.get("tool_timeout", 5.0))
+    return sampling, box, args.system_prompt or saved.get("system_prompt") or appo.default_system_prompt(box)
 
 
-def make_generate(model, tokenizer, cfg, greedy):
+def make_generate(model, tokenizer, sampling, box, system_prompt):
     """generate_fn for evaluate(): appo's prompt, tools and agent loop; nothing re-implemented."""
-    import functools
     import appo
-    import tools
-    call_tool = functools.partial(tools.call_tool, search=appo.make_search(cfg), timeout=cfg.tool_timeout)
-    sampling = appo.sampling_of(cfg, greedy=greedy)
     device = next(model.parameters()).device
 
     def generate(questions, kinds):
-        prompts = [appo.build_prompt(tokenizer, q, k, cfg.system_prompt) for q, k in zip(questions, kinds)]
-        with appo.autocast(device, cfg.dtype):
-            return appo.run_agent(model, tokenizer, prompts, sampling, call_tool)
+        prompts = [appo.build_prompt(tokenizer, q, k, system_prompt) for q, k in zip(questions, kinds)]
+        with appo.autocast(device, "auto"):
+            return appo.run_agent(model, tokenizer, prompts, sampling, box)
     return generate
 
 
@@ -479,13 +473,8 @@ def check_resume(args):
         json.dump(now, f, indent=2)
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    benches = select(args.benchmarks)
-    os.makedirs(args.out_dir, exist_ok=True)
-    check_resume(args)
-
-    ##### data: every benchmark loads (or is skipped) before the model is loaded
+def load_all(benches, args):
+    """-> ({name: rows}, {name: why skipped}); a malformed row stops with its file and line."""
     data, skipped = {}, {}
     for bench in benches:
         try:
@@ -497,16 +486,31 @@ def main(argv=None):
             skipped[bench.name] = rows
         else:
             data[bench.name] = rows
+    return data, skipped
 
-    ##### judge: checked now, not after hours of generation
-    judge = None
-    if args.judge_url and any(b.metric == "judge" and b.name in data for b in benches):
-        key = args.judge_key or os.environ.get("JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY", "")
-        judge = lambda q, g, p: ask_judge(q, g, p, args.judge_url, args.judge_model, key)  # noqa: E731
-        try:
-            judge("What is 1 + 1?", ["2"], "2")
-        except JudgeError as e:
-            die(e)
+
+def make_judge(args, benches):
+    """The LLM judge as judge(question, golds, prediction) -> score, tried once now; None when no
+    --judge_url or no judged benchmark is selected."""
+    if not args.judge_url or not any(b.metric == "judge" for b in benches):
+        return None
+    key = args.judge_key or os.environ.get("JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY", "")
+    judge = lambda q, g, p: ask_judge(q, g, p, args.judge_url, args.judge_model, key)  # noqa: E731
+    try:
+        judge("What is 1 + 1?", ["2"], "2")
+    except JudgeError as e:
+        die(e)
+    return judge
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    benches = select(args.benchmarks)
+    os.makedirs(args.out_dir, exist_ok=True)
+    check_resume(args)
+
+    data, skipped = load_all(benches, args)     # every benchmark loads (or is skipped) before the model
+    judge = make_judge(args, [b for b in benches if b.name in data])   # checked now, not after hours
 
     ##### model and agent loop, then evaluate benchmark by benchmark
     if not (args.search_corpus or args.search_url or args.search_cache) and any(
@@ -519,10 +523,11 @@ def main(argv=None):
     for bench in benches:
         if bench.name not in data:
             continue
-        generate = make_generate(model, tokenizer, agent_config(args, bench), greedy=args.temperature <= 0)
+        generate = make_generate(model, tokenizer, *agent_settings(args, bench))
         score = lambda text, row, m=bench.metric: score_response(text, row, m, judge)  # noqa: E731
         try:
-            records = evaluate(data[bench.name], generate, score, os.path.join(args.out_dir, f"{bench.name}.jsonl"),
+            out_path = os.path.join(args.out_dir, f"{bench.name}.jsonl")
+            records = evaluate(data[bench.name], generate, score, out_path,
                                n=args.n, batch_size=args.batch_size, desc=bench.name)
         except (DataError, JudgeError) as e:
             die(e)
@@ -531,7 +536,8 @@ def main(argv=None):
     ##### tables
     table = markdown(results, skipped, judged=judge is not None)
     summary = {"config": dataclasses.asdict(args), "results": results, "skipped": skipped,
-               "averages": averages(results), "judge": args.judge_model if judge else "exact match (stand-in)"}
+               "averages": averages(results),
+               "judge": args.judge_model if judge else "exact match (stand-in)"}
     with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
@@ -550,7 +556,7 @@ def load_agent(args, bench):
         die(f"{args.model} not found: run `python appo.py` first, or pass --model=<checkpoint or HF id>")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    return appo.load_model(args.model, agent_config(args, bench))
+    return appo.load_model(args.model, appo.Config(device=args.device))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
-"""Tests for appo.py, tools.py and eval.py: unit tests of the pure functions against hand-computed
-values, real subprocesses and a loopback HTTP server for the tools, and subprocess smoke runs of
-appo.py at tiny budgets. Run: python -m pytest -q test_appo.py (no network, no ../shared needed)."""
+"""Tests for appo.py, tools.py, toy.py, report.py and eval.py, one section per module: unit tests of the
+pure functions against hand-computed values, real subprocesses and a loopback HTTP server for the tools,
+and runs of the scripts at tiny budgets (the test_script_* tests). No network, no ../shared needed.
+
+    python -m pytest -q test_appo.py                      # everything (~3 minutes on 2 cores)
+    python -m pytest -q test_appo.py -k "not script"      # without the script runs (~40 s)
+    python -m pytest -q test_appo.py -k math              # one module's section: math, tools, core, toy, ...
+"""
 from html.parser import HTMLParser
 from types import SimpleNamespace
 import http.server
@@ -19,8 +24,7 @@ import time
 import pytest
 import torch
 
-from tools import (STOP_STRINGS, TOOL_TAGS, Search, call_tool, format_result, parse_tool_call,
-                   python_tool, run_tool_calls)
+from tools import Search, describe, format_result, parse_tool_call, python_tool, run_call, stop_strings, toolbox
 from appo import (
     appo_policy_loss,
     branching_score,
@@ -43,7 +47,7 @@ import report
 
 
 # ===============================================================================================
-# tools.py: tag protocol, python tool, search, concurrency (issue 2)
+# tools.py: tag protocol and registry, python tool, search, calls at once
 # ===============================================================================================
 def _pid_gone(pid, wait=3.0):
     """True once `pid` no longer runs (a zombie counts as gone: PID 1 here may not reap)."""
@@ -61,9 +65,22 @@ def _pid_gone(pid, wait=3.0):
 
 ##### tag protocol #####
 
-def test_tools_protocol_constants_and_format():
-    assert STOP_STRINGS == ("</python>", "</search>") and TOOL_TAGS == ("python", "search")
+def test_tools_protocol_derived_from_the_toolbox():
+    box = toolbox()
+    assert list(box) == ["python", "search"] and stop_strings(box) == ("</python>", "</search>")
+    assert describe(box) == ("<python> code </python> runs Python and shows what it prints, "
+                             "<search> query </search> searches a knowledge base")
     assert format_result("4\n\n") == " <result>\n4\n</result>"
+
+
+def test_tools_adding_a_tool_is_one_function_and_one_entry():
+    def calc(expression, earlier):
+        """evaluates arithmetic"""
+        return str(eval(expression, {"__builtins__": {}}))
+    box = {**toolbox(), "calc": calc}
+    assert stop_strings(box)[-1] == "</calc>" and "<calc> expression </calc> evaluates arithmetic" in describe(box)
+    assert run_call(box, "so <calc> 6 * 7 </calc>") == ("calc", "6 * 7", "42")
+    assert "calc" in appo.default_system_prompt(box)
 
 
 def test_tools_parse_tool_call_well_formed():
@@ -87,8 +104,9 @@ def test_tools_parse_tool_call_not_a_call(text):
     ("<search> a </python> b </search>", "nested")])
 def test_tools_parse_tool_call_malformed(text, reason):
     name, message = parse_tool_call(text)
-    assert name == "error" and reason in message
-    assert call_tool(name, message).startswith("Error: ")
+    assert name is None and reason in message
+    name, payload, result = run_call(toolbox(), text)
+    assert name is None and payload is None and result.startswith("Error: ") and reason in result
 
 
 ##### python tool #####
@@ -159,20 +177,22 @@ def test_tools_python_history_replay():
 
 ##### many calls at once #####
 
-def test_tools_run_tool_calls_concurrent_with_one_hanging():
-    calls = [("python", f"print({i} * 2)", ()) for i in range(8)]
-    calls[3] = ("python", "import time\ntime.sleep(60)", ())
-    calls.append(("search", "paris", ()))
-    calls.append(("shell", "ls", ()))
+def test_tools_run_call_concurrent_with_one_hanging():
+    from concurrent.futures import ThreadPoolExecutor
+    box = toolbox(search_backend=Search(corpus=["Paris is in France.", "Rome"]), timeout=2.0)
+    texts = [f"<python>print({i} * 2)</python>" for i in range(8)]
+    texts[3] = "<python>import time\ntime.sleep(60)</python>"
+    texts += ["<search>paris</search>", "<shell>ls</shell>"]
     start = time.monotonic()
-    out = run_tool_calls(calls, search=Search(corpus=["Paris is in France.", "Rome"]),
-                         timeout=2.0, max_workers=10)
+    with ThreadPoolExecutor(10) as pool:                                 # as the agent loop runs them
+        out = [f.result()[2] for f in [pool.submit(run_call, box, t) for t in texts]]
     assert time.monotonic() - start < 4.0
     assert out[:3] == ["0", "2", "4"] and out[4:8] == ["8", "10", "12", "14"]
     assert "timed out" in out[3] and out[8] == "Doc 1 Paris is in France."
-    assert out[9].startswith("Error: unknown tool")
-    assert run_tool_calls([]) == []
-    assert call_tool("search", "x").startswith("Error: no search backend")
+    assert out[9].startswith("Error: the text does not end with a tool call")
+    assert run_call(toolbox(), "<search>x</search>")[2].startswith("Error: no search backend")
+    state = run_call(box, "<python>print(x + 1)</python>", [("python", "x = 41"), ("search", "x = 0")])
+    assert state == ("python", "print(x + 1)", "42")                     # python state from earlier calls
 
 
 ##### search tool #####
@@ -267,7 +287,7 @@ def test_tools_remote_retriever_down():
 
 
 # ===============================================================================================
-# the equations, against hand-computed tensors (Eqs. 3-8)
+# appo.py, the equations: against hand-computed tensors (Eqs. 3-8)  [-k math]
 # ===============================================================================================
 def close(actual, expected, atol=1e-4):
     """actual (tensor or float) equals the hand-written expected numbers within atol."""
@@ -595,7 +615,7 @@ def test_math_select_entropy_and_random_rules():
 
 
 # ===============================================================================================
-# reward: answer extraction, format, math equivalence, token-F1
+# appo.py, the reward: answer extraction, format, math equivalence, token-F1  [-k reward]
 # ===============================================================================================
 MATH_CASES = [
     ("18", "18", True),
@@ -724,11 +744,11 @@ def test_reward_compute_reward():
 
 
 # ===============================================================================================
-# agent loop, rollout tree, advantages, settings; smoke runs of appo.py
+# appo.py, the rest: agent loop, rollout tree, advantages, settings, data, runs  [-k core, -k script]
 # ===============================================================================================
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRACE = "<python>print(6*7)</python> <result>\n42\n</result> <answer>\\boxed{42}</answer>"
-run_python = lambda name, payload, history=(): call_tool(name, payload, history=history, timeout=2.0)   # no search
+run_python = toolbox(timeout=2.0)                                       # the agent loop's tools, no search backend
 
 
 def tiny_cfg(**kw):
@@ -916,7 +936,7 @@ def test_core_fork_token_gets_the_branches_credit():
             b.tokens += [2] * 3
             b.mask += [1] * 3
             b.reward = reward
-        _, adv = appo.rollout_advantages(init + branches, tiny_cfg(keep_branch_token=keep))
+        _, adv = appo.rollout_advantages(init + branches, appo.resolve(tiny_cfg(keep_branch_token=keep)))
         a_init = 0.5 / (0.5 + 1e-6)                                      # initial group {1, 0}
         a_branch_mean = 0.0                                              # branch group {1, -1}: +-1, mean 0
         fork_token = adv[0][3].item()
@@ -951,7 +971,7 @@ def test_core_tree_has_exactly_m_rollouts_with_shared_prefixes(memorized, n_init
     cfg = tiny_cfg(n_initial=n_initial, branch_points=branch_points, group_size=group_size)
     content = appo.content_token_mask(tokenizer)
     torch.manual_seed(0)
-    rollouts, stats = appo.expand_tree(model, perturbed(model), tokenizer, [prompt, prompt], cfg, run_python, content)
+    rollouts, stats = appo.expand_tree(model, perturbed(model), tokenizer, [prompt, prompt], cfg, appo.resolve(cfg), run_python, content)
     for e in (0, 1):
         mine = [r for r in rollouts if r.example == e]
         assert len(mine) == group_size and sum(r.parent < 0 for r in mine) == n_initial
@@ -971,14 +991,15 @@ def test_core_tree_has_exactly_m_rollouts_with_shared_prefixes(memorized, n_init
 def test_core_tree_with_anchor_equal_to_policy_is_degenerate(memorized):
     model, tokenizer, prompt = memorized
     torch.manual_seed(0)
-    _, stats = appo.expand_tree(model, appo.copy.deepcopy(model), tokenizer, [prompt], tiny_cfg(),
+    _, stats = appo.expand_tree(model, appo.copy.deepcopy(model), tokenizer, [prompt], tiny_cfg(), appo.resolve(tiny_cfg()),
                                 run_python, appo.content_token_mask(tokenizer))
     assert stats["tree/omega_degenerate"] == stats["tree/scored"] > 0   # Omega = 1: entropy fallback
 
 
 def test_core_grpo_tree_has_no_branches(memorized):
     model, tokenizer, prompt = memorized
-    rollouts, _ = appo.expand_tree(model, model, tokenizer, [prompt], tiny_cfg(algo="grpo"), run_python,
+    rollouts, _ = appo.expand_tree(model, model, tokenizer, [prompt], tiny_cfg(algo="grpo"),
+                                   appo.resolve(tiny_cfg(algo="grpo")), run_python,
                                    appo.content_token_mask(tokenizer))
     assert len(rollouts) == 8 and all(r.parent < 0 for r in rollouts)
 
@@ -987,6 +1008,7 @@ def test_core_arpo_branches_right_after_tool_results(memorized):
     model, tokenizer, prompt = memorized
     torch.manual_seed(0)
     rollouts, _ = appo.expand_tree(model, None, tokenizer, [prompt], tiny_cfg(algo="arpo"),
+                                   appo.resolve(tiny_cfg(algo="arpo")),
                                    run_python, appo.content_token_mask(tokenizer))
     branches = [r for r in rollouts if r.parent >= 0]
     assert len(rollouts) == 8 and branches                               # the memorised trace always calls python
@@ -999,17 +1021,17 @@ def test_core_rollout_advantages_hand_values():
     rs = [mk(example=0, root=0, reward=1.0), mk(example=0, root=1, reward=0.0),
           mk(example=0, root=0, parent=0, fork=2, root_fork=2, reward=1.0),
           mk(example=0, root=0, parent=0, fork=2, root_fork=2, reward=-1.0)]
-    train, adv = appo.rollout_advantages(rs, tiny_cfg(algo="appo"))
+    train, adv = appo.rollout_advantages(rs, appo.resolve(tiny_cfg(algo="appo")))
     assert train == rs[:2]
     # initial group {1, 0}: mean 0.5, std 0.5, A = +-0.5/(0.5 + 1e-6); branch group {1, -1}: A = +-1/(1 + 1e-6)
     a_init = 0.5 / (0.5 + 1e-6)
     shared = (a_init + 0.0) / 2                                           # branch advantages average to 0
     assert torch.allclose(adv[0], torch.tensor([shared, shared, a_init, a_init]), atol=1e-5)
     assert torch.allclose(adv[1], torch.full((4,), -a_init), atol=1e-5)
-    train, adv = appo.rollout_advantages(rs, tiny_cfg(algo="grpo"))
+    train, adv = appo.rollout_advantages(rs, appo.resolve(tiny_cfg(algo="grpo")))
     assert len(train) == 4 and torch.allclose(adv[3], adv[3][0].expand(4))
     equal = [mk(example=0, root=i, reward=0.5) for i in range(3)]
-    assert all(torch.equal(a, torch.zeros(4)) for a in appo.rollout_advantages(equal, tiny_cfg())[1])
+    assert all(torch.equal(a, torch.zeros(4)) for a in appo.rollout_advantages(equal, appo.resolve(tiny_cfg()))[1])
 
 
 def test_core_chunked_logprobs_match_the_full_logits(memorized):
@@ -1077,14 +1099,14 @@ def test_core_dual_group_advantages_accepts_lists():
     assert torch.equal(got, want)
 
 
-def test_core_import_has_no_side_effects(tmp_path):
+def test_script_import_has_no_side_effects(tmp_path):
     out = subprocess.run([sys.executable, "-c", "import appo"], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": HERE})
     assert out.returncode == 0 and out.stdout == "" and os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("script", ["appo.py", "eval.py"])
-def test_core_help_shows_every_setting_with_its_meaning(script):
+def test_script_help_shows_every_setting_with_its_meaning(script):
     out = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -1103,7 +1125,7 @@ def test_core_help_shows_every_setting_with_its_meaning(script):
     (["--train_data={bad}"], "q.jsonl:2: kind must be 'math' or 'qa'"),
     (["--train_data={broken}"], "b.jsonl:1: not valid JSON"),
 ])
-def test_core_user_errors_stop_before_any_work(tmp_path, args, message):
+def test_script_user_errors_stop_before_any_work(tmp_path, args, message):
     bad = tmp_path / "q.jsonl"
     bad.write_text(json.dumps({"question": "a?", "answer": "1"}) + "\n"
                    + json.dumps({"question": "b?", "answer": "2", "kind": "physics"}) + "\n")
@@ -1117,7 +1139,7 @@ def test_core_user_errors_stop_before_any_work(tmp_path, args, message):
     assert not out_dir.exists()                                          # nothing was built
 
 
-##### subprocess smoke runs of appo.py at tiny budgets #####
+##### runs of appo.py at tiny budgets (test_script_*) #####
 SMOKE = ["--steps=2", "--sft_steps=150", "--temperature=1.0", "--toy_test_size=9", "--toy_val_size=6", "--toy_rl_size=12",
          "--toy_sft_size=90", "--pass_k=2", "--prompts_per_step=2", "--n_initial=2", "--branch_points=3",
          "--group_size=8", "--max_response_tokens=96", "--save_every=1", "--tree_every=1"]
@@ -1160,7 +1182,7 @@ def without_time(rows):
 
 
 @pytest.mark.parametrize("algo", ["appo", "grpo", "arpo"])
-def test_core_smoke_run_each_algo(toy_cache, tmp_path, algo):
+def test_script_run_each_algo(toy_cache, tmp_path, algo):
     out = seeded_dir(toy_cache, tmp_path)
     res = run_appo(out, f"--algo={algo}")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -1202,7 +1224,7 @@ def test_core_smoke_run_each_algo(toy_cache, tmp_path, algo):
     assert os.path.exists(out / "final" / "config.json") and os.path.exists(out / "ckpt" / "trainer_state.pt")
 
 
-def test_core_bf16_training_moves_the_float32_master_weights(toy_cache, tmp_path):
+def test_script_bf16_training_moves_the_float32_master_weights(toy_cache, tmp_path):
     """At lr 1e-6 an update of bf16 weights rounds away (~2% moved); fp32 masters all move."""
     out = seeded_dir(toy_cache, tmp_path)
     res = run_appo(out, "--dtype=bfloat16", "--lr=1e-6", "--algo=grpo")
@@ -1212,7 +1234,7 @@ def test_core_bf16_training_moves_the_float32_master_weights(toy_cache, tmp_path
     assert moved_fraction(weights(out / "sft"), final) > 0.5
 
 
-def test_core_kill_and_resume_matches_an_uninterrupted_run(toy_cache, tmp_path):
+def test_script_kill_and_resume_matches_an_uninterrupted_run(toy_cache, tmp_path):
     straight = seeded_dir(toy_cache, tmp_path / "straight")
     res = run_appo(straight, "--steps=4")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -1241,7 +1263,9 @@ def test_core_kill_and_resume_matches_an_uninterrupted_run(toy_cache, tmp_path):
     assert (out / "summary.json").read_text() == (straight / "summary.json").read_text()
 
 
-##### the toy world (toy.py) #####
+# ===============================================================================================
+# toy.py: the world, its tokenizer, the teacher's traces  [-k toy]
+# ===============================================================================================
 def test_toy_world_splits_are_disjoint_and_balanced():
     import toy
     questions, corpus = toy.make_world(0)
@@ -1296,11 +1320,9 @@ def test_toy_teacher_traces_do_the_mechanics_right():
 
 
 # ===============================================================================================
-# report.py: the rollout-tree page, where branches land, curves, the run index
+# report.py: the rollout-tree page, where branches land, curves, the run index  [-k report]
 # ===============================================================================================
-# ---------------------------------------------------------------------------------------------
-# A tiny hand-made record
-# ---------------------------------------------------------------------------------------------
+##### a tiny hand-made record #####
 
 def signals(tokens, mask, k, with_omega=True):
     """Distinct, checkable per-token numbers; rollout k shifts them so rollouts differ."""
@@ -1357,9 +1379,7 @@ def tiny_record():
         {"question": "What is 1 + 1 < 3?", "answer": ["2"], "kind": "math", "rollouts": p1}]}
 
 
-# ---------------------------------------------------------------------------------------------
-# Parsing the page
-# ---------------------------------------------------------------------------------------------
+##### parsing the page #####
 
 class Page(HTMLParser):
     """Collects tokens, fork markers and branch cards with the prompt / rollout they sit in."""
@@ -1517,9 +1537,7 @@ def test_report_fork_point_rules():
     assert report.fork_point(parent, {"fork": 5}) == 5       # ARPO: y_t itself re-sampled
 
 
-# ---------------------------------------------------------------------------------------------
-# token_spans and fork_statistics
-# ---------------------------------------------------------------------------------------------
+##### token_spans and fork_statistics #####
 
 def test_report_token_spans_split_tags():
     tokens = ["Hi", " <", "pyth", "on>", "x=1", "</", "/", "pyth", "on", ">"]
@@ -1582,9 +1600,7 @@ def test_report_fork_statistics_empty_and_no_omega():
     assert all(got[f"branch/fork_span/{s}"] == 0 for s in report.SPANS)
 
 
-# ---------------------------------------------------------------------------------------------
-# Curves and index
-# ---------------------------------------------------------------------------------------------
+##### curves and index #####
 
 def test_report_plot_curves_png(tmp_path):
     rows = [{"step": s, "reward/mean": 0.1 * s, "acc/math": 0.5, "loss/approx_kl": 0.01 * s,
@@ -1628,9 +1644,7 @@ def _attrs(text, tag, name):
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# A realistic step (long rollouts, long results, 12 branches per prompt, second rounds)
-# ---------------------------------------------------------------------------------------------
+##### a realistic step (long rollouts, long results, 12 branches per prompt, second rounds) #####
 
 WORDS = ("the", " founder", " of", " company", " was", " born", " in", " city", " so", " answer", " is",
          " we", " need", " to", " check", " which", " year", " first", " then", " compute", ",", ".", "\n")
@@ -1732,7 +1746,7 @@ def demo(path="/tmp/tree.html"):
 
 
 # ===============================================================================================
-# eval.py: loaders, scoring, pass@k, table, resume
+# eval.py: loaders, scoring, pass@k, table, resume  [-k eval]
 # ===============================================================================================
 def write_jsonl(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1755,7 +1769,7 @@ def fake_generate(answers, calls=None):
     return generate
 
 
-##### pass@k
+##### pass@k #####
 def test_eval_pass_at_k_hand_computed():
     assert ev.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
     assert ev.pass_at_k(10, 3, 1) == pytest.approx(0.3)  # pass@1 = c/n
@@ -1766,7 +1780,7 @@ def test_eval_pass_at_k_hand_computed():
         ev.pass_at_k(3, 4, 1)
 
 
-##### loading and normalising the benchmark files
+##### loading and normalising the benchmark files #####
 def test_eval_golds_of_shapes():
     assert ev.golds_of(["NYC", "New York"], "2wiki") == ["NYC", "New York"]
     assert ev.golds_of(70, "aime25") == ["70"]
@@ -1815,7 +1829,7 @@ def test_eval_toy_split_and_limit(tmp_path):
     assert "run `python appo.py` first" in ev.load_benchmark(ev.TOY, args(toy_dir=str(tmp_path / "none")))
 
 
-##### scoring
+##### scoring #####
 def test_eval_score_response_by_metric():
     row = {"question": "q", "golds": ["New York", "NYC"], "kind": "qa"}
     text = "<answer>\\boxed{new york city}</answer>"
@@ -1828,7 +1842,7 @@ def test_eval_score_response_by_metric():
     assert ev.score_response("<answer>\\boxed{0.5}</answer>", math_row, "math")["score"] == 1.0
 
 
-##### the loop and resuming
+##### the loop and resuming #####
 def test_eval_evaluate_resumes_after_interruption(tmp_path):
     rows = [{"question": f"q{i}", "golds": [str(i)], "kind": "math"} for i in range(5)]
     answers = {f"q{i}": str(i if i % 2 == 0 else -1) for i in range(5)}  # q0, q2, q4 right
@@ -1861,7 +1875,7 @@ def test_eval_evaluate_resumes_after_interruption(tmp_path):
         ev.evaluate([{"question": "other", "golds": ["1"], "kind": "qa"}] * 5, good, score, str(out), n=2)
 
 
-##### metrics and the tables
+##### metrics and the tables #####
 def test_eval_summarize_pass_at_k_and_f1_threshold():
     recs = [{"idx": i, "sample": s, "score": sc, "format_ok": True, "tool_calls": 2, "n_generated": 10}
             for i, scores in enumerate([[1.0, 0.0, 0.0], [0.6, 0.4, 0.2]]) for s, sc in enumerate(scores)]
@@ -1889,7 +1903,7 @@ def test_eval_markdown_table1_layout():
     assert "This run" not in toy and "| toy | toy | by kind | 2 | 75.0 |" in toy
 
 
-##### settings
+##### settings #####
 def test_eval_unknown_setting_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         ev.parse_args(["--bogus=1"])
@@ -1911,8 +1925,7 @@ def test_eval_main_end_to_end_with_fake_agent(tmp_path, monkeypatch):
     write_jsonl(d / "bamboogle" / "test.jsonl", [{"question": "c", "answer": ["Paris"]}])
     answers = {"a": "4", "b": "6", "c": "Paris"}
     monkeypatch.setattr(ev, "load_agent", lambda a, b: (None, None))
-    monkeypatch.setattr(ev, "make_generate", lambda m, t, cfg, greedy: fake_generate(answers))
-    monkeypatch.setattr(ev, "agent_config", lambda a, b: None)
+    monkeypatch.setattr(ev, "make_generate", lambda model, tokenizer, *settings: fake_generate(answers))
     out = tmp_path / "out"
     summary = ev.main([f"--data_dir={d}", "--benchmarks=gsm8k,bamboogle,hle", f"--out_dir={out}"])
     assert summary["results"]["gsm8k"]["pass@1"] == 0.5 and summary["results"]["bamboogle"]["pass@1"] == 1.0
@@ -1923,7 +1936,7 @@ def test_eval_main_end_to_end_with_fake_agent(tmp_path, monkeypatch):
         ev.main([f"--data_dir={d}", "--benchmarks=gsm8k", f"--out_dir={out}", "--seed=1"])
 
 
-##### the judge
+##### the judge #####
 class _Judge(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -1,14 +1,15 @@
 """Tools for a tool-using LLM agent: the tag protocol, a python tool and a search tool.
 
 The agent writes `<python> code </python>` or `<search> query </search>`; generation stops at the
-closing tag (STOP_STRINGS), the environment runs the call and appends ` <result>\\n...\\n</result>`.
-Plain callables, no training code; this file needs only the Python 3.11+ standard library.
+closing tag, the environment runs the call and appends ` <result>\\n...\\n</result>`. Each tool is
+one plain function `tool(payload, earlier_calls) -> str`; `toolbox()` binds their backends into the
+one mapping name -> callable from which the tags, the stop strings and the parsing are derived.
+No training code; this file needs only the Python 3.11+ standard library.
 
-    from tools import STOP_STRINGS, parse_tool_call, call_tool, format_result, Search
-    search = Search(corpus="wiki.jsonl")                 # or url=..., cache=..., several at once
-    call = parse_tool_call(text)                         # ("python", "print(1+1)") or None
-    if call:
-        text += format_result(call_tool(*call, history=earlier_python_blocks, search=search))
+    from tools import Search, toolbox, run_call, format_result
+    box = toolbox(search_backend=Search(corpus="wiki.jsonl"))   # or url=..., cache=..., several at once
+    name, payload, result = run_call(box, text, earlier_calls)  # the call `text` ends with
+    text += format_result(result)
 
     python tools.py --bench 100000                       # BM25 build time and query latency
 
@@ -17,7 +18,9 @@ The python tool is resource-limited, NOT a security boundary: run untrusted code
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
+import inspect
 import itertools
 import json
 import math
@@ -34,38 +37,37 @@ import urllib.error
 import urllib.request
 from array import array
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 ##### Tag protocol #####
 
-STOP_STRINGS = ("</python>", "</search>")
-TOOL_TAGS = ("python", "search")
-_TAG = re.compile(r"</?(?:python|search)>")
+def stop_strings(names) -> tuple[str, ...]:
+    """Where generation pauses for a tool: each tool's closing tag. Example: ("</python>", "</search>")."""
+    return tuple(f"</{name}>" for name in names)
 
 
-def parse_tool_call(text: str) -> tuple[str, str] | None:
-    """The tool call `text` ends with, as (name, payload), else None.
+def parse_tool_call(text: str, names=("python", "search")) -> tuple[str | None, str] | None:
+    """The tool call `text` ends with: (name, payload); (None, reason) when it is malformed; None
+    when the text does not end (modulo whitespace) with a closing tool tag (it ended some other
+    way: EOS, `</answer>`, length) and there is nothing to run. Never raises.
 
-    None: the text does not end (modulo whitespace) with `</python>` or `</search>`, so it ended
-    some other way (EOS, `</answer>`, length) and there is nothing to run.
-    ("error", reason): it ends with a closing tool tag but the call is malformed (no opening tag,
-    empty payload, another tool tag inside). The model stopped and waits for a result, so the
-    caller should answer with `call_tool("error", reason)` rather than silently continuing.
+    Malformed: no opening tag, empty payload, another tool tag inside. The model stopped and waits
+    for a result, so the caller answers with the reason as an error text (see run_call).
+    Example: parse_tool_call("x <python>print(1)</python>") -> ("python", "print(1)").
     """
     text = text.rstrip()
-    name = next((t for t in TOOL_TAGS if text.endswith(f"</{t}>")), None)
+    name = next((t for t in names if text.endswith(f"</{t}>")), None)
     if name is None:
         return None
     body = text[: -len(f"</{name}>")]
     start = body.rfind(f"<{name}>")
     if start < 0:
-        return "error", f"</{name}> without a matching <{name}>."
+        return None, f"</{name}> without a matching <{name}>."
     payload = body[start + len(name) + 2:]
-    if _TAG.search(payload):
-        return "error", f"nested or unbalanced tool tags inside <{name}>...</{name}>."
+    if re.search("</?(?:" + "|".join(map(re.escape, names)) + ")>", payload):
+        return None, f"nested or unbalanced tool tags inside <{name}>...</{name}>."
     if not payload.strip():
-        return "error", f"empty <{name}> block."
+        return None, f"empty <{name}> block."
     return name, payload.strip()
 
 
@@ -397,35 +399,52 @@ def _format_docs(passages: list[tuple[str, str]]) -> str:
                      for i, (title, text) in enumerate(passages, 1))
 
 
-##### Dispatch #####
+##### The tools: one function each, and one entry in toolbox() #####
 
-def call_tool(name: str, payload: str, *, history: Sequence[str] = (), search=None,
-              timeout: float = 5.0) -> str:
-    """Run one parsed call; any failure becomes a readable result text, never an exception."""
-    try:
-        if name == "python":
-            return python_tool(payload, history, timeout)
-        if name == "search":
-            return search(payload) if search is not None else "Error: no search backend configured."
-        if name == "error":  # a malformed call reported by parse_tool_call
-            return f"Error: {payload}"
-        return f"Error: unknown tool {name!r}; the tools are <python> and <search>."
-    except Exception as e:  # a broken backend must not kill a rollout batch
-        return f"Error: {name} tool failed ({e!r})."
+def python(code: str, earlier: Sequence = (), *, timeout: float = 5.0) -> str:
+    """runs Python and shows what it prints"""
+    history = [payload for name, payload in earlier if name == "python"]   # this rollout's python state
+    return python_tool(code, history, timeout)
 
 
-def run_tool_calls(calls: list[tuple[str, str, Sequence[str]]], search=None, timeout: float = 5.0,
-                   max_workers: int = 8) -> list[str]:
-    """Run (name, payload, python_history) calls concurrently; results in the calls' order.
+def search(query: str, earlier: Sequence = (), *, backend=None) -> str:
+    """searches a knowledge base"""
+    return backend(query) if backend is not None else "Error: no search backend configured."
 
-    Threads suffice: the work happens in subprocesses or in I/O, and each call has its own deadline.
+
+def toolbox(search_backend=None, timeout: float = 5.0) -> dict:
+    """The agent's tools with their backends bound: {name: tool(payload, earlier_calls) -> str}.
+
+    `earlier_calls` are the rollout's previous (name, payload) calls, so a tool that keeps state
+    (python) rebuilds exactly what the rollout's prefix implies, also on a branch. Tags, stop
+    strings, parsing and the system prompt's tool list all come from this mapping: to add a tool,
+    write one function like `python` above and add one entry here.
     """
-    if not calls:
-        return []
-    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(calls)))) as pool:
-        futures = [pool.submit(call_tool, name, payload, history=history, search=search,
-                               timeout=timeout) for name, payload, history in calls]
-        return [f.result() for f in futures]
+    return {"python": functools.partial(python, timeout=timeout),
+            "search": functools.partial(search, backend=search_backend)}
+
+
+def describe(box: dict) -> str:
+    """The tool list for a system prompt, from each tool's first parameter and docstring.
+    Example: "<python> code </python> runs Python and shows what it prints"."""
+    def one(name, tool):
+        fn = tool.func if isinstance(tool, functools.partial) else tool
+        arg = next(iter(inspect.signature(fn).parameters))
+        return f"<{name}> {arg} </{name}> {(fn.__doc__ or name).strip().splitlines()[0]}"
+    return ", ".join(one(name, tool) for name, tool in box.items())
+
+
+def run_call(box: dict, text: str, earlier: Sequence = ()) -> tuple[str | None, str | None, str]:
+    """Run the call `text` ends with -> (name, payload, result text). A malformed or unknown call
+    gets an error text and name None; a failing tool gets an error text. Never raises."""
+    call = parse_tool_call(text, tuple(box))
+    if call is None or call[0] is None:
+        return None, None, f"Error: {call[1] if call else 'the text does not end with a tool call.'}"
+    name, payload = call
+    try:
+        return name, payload, box[name](payload, list(earlier))
+    except Exception as e:  # a broken backend must not kill a rollout batch
+        return name, payload, f"Error: {name} tool failed ({e!r})."
 
 
 ##### Benchmark #####

@@ -4,11 +4,11 @@ A labelled teaching environment, like CartPole for PPO: offline, generated from 
 for a laptop CPU, and built so the thing the paper is about can be seen. Every question needs a tool,
 and every question type hides one *decision* the cold-start data is noisy about:
 
-    type     example                                        right procedure               the decision (where)
-    arith    What is 41 + 7 * 51?                           <python>print(41 + 7 * 51)    tool or memory (first token)
-    onehop   Where was Kalove, a student of Ritamon, born?  <search>Kalove                which entity (inside the call)
-    twohop   Where was the founder of Minlo born?           <search>Minlo, then the       search again or answer
-                                                            founder's name                (between the hops)
+    type    example                                      right procedure             decision (where)
+    arith   What is 41 + 7 * 51?                         <python>print(41 + 7 * 51)  tool or memory (start) 
+    onehop  Where was Kalove, a sibling of Ralove, born? <search>Kalove              which entity (in a call)
+    twohop  Where was the founder of Minlo born?         <search>Minlo, then the     search again or answer
+                                                         founder's name              (between the hops)
 
 The SFT "teacher" always does the mechanics right (copies operands and names, copies the tool's
 output into \\boxed{}), but at each decision it takes the wrong option with probability `wrong_rate`
@@ -42,9 +42,33 @@ def make_world(seed, n_families=340, siblings=6, n_companies=450, n_cities=40):
     question's decoy (a sibling) differs from its subject in the first syllable only, and the
     entity decision is that one token. Returns (questions by type, corpus passages)."""
     rng = random.Random(seed)
+    names = _namer(rng)
+    cities, families = names(n_cities, 2), names(n_families, 2)
+    people, sibling = [], {}
+    for family in families:                                  # every name has 3 syllables: fixed lengths
+        given = rng.sample([s for s in SYLLABLES if s not in family.lower()], siblings)
+        kin = [g.capitalize() + family.lower() for g in given]
+        people += kin
+        sibling.update({p: kin[(i + 1) % siblings] for i, p in enumerate(kin)})
+    companies = names(n_companies, 3, taken=people)
+    facts = {"born": {p: rng.choice(cities) for p in people},
+             "mentor": {p: rng.choice([q for q in people if q != p]) for p in people},
+             "based": {c: rng.choice(cities) for c in companies},
+             "founder": {c: rng.choice(people) for c in companies}, "sibling": sibling}
+    born, mentor, based, founder = (facts[k] for k in ("born", "mentor", "based", "founder"))
+    corpus = [f'"{p}"\n{p} was born in {born[p]}. {p} was mentored by {mentor[p]}.' for p in people]
+    corpus += [f'"{c}"\n{c} is a company based in {based[c]}. It was founded by {founder[c]}.'
+               for c in companies]
+    questions = _questions(rng, people, companies, facts)
+    return questions, [{"id": str(i), "contents": text} for i, text in enumerate(corpus)]
+
+
+def _namer(rng):
+    """names(n, syllables, taken=()) -> n new capitalised names, none used before."""
     used = set()
 
-    def names(n, parts):
+    def names(n, parts, taken=()):
+        used.update(taken)
         if n > math.perm(len(SYLLABLES), parts) - len(used):
             raise ValueError(f"{n} names of {parts} syllables: too many for {len(SYLLABLES)} syllables")
         out = []
@@ -54,24 +78,13 @@ def make_world(seed, n_families=340, siblings=6, n_companies=450, n_cities=40):
                 used.add(w)
                 out.append(w)
         return out
+    return names
 
-    cities, families = names(n_cities, 2), names(n_families, 2)
-    people, sibling = [], {}
-    for family in families:                                  # every name has 3 syllables: fixed lengths
-        given = rng.sample([s for s in SYLLABLES if s not in family.lower()], siblings)
-        kin = [g.capitalize() + family.lower() for g in given]
-        people += kin
-        sibling.update({p: kin[(i + 1) % siblings] for i, p in enumerate(kin)})
-    used.update(people)
-    companies = names(n_companies, 3)
-    born = {p: rng.choice(cities) for p in people}
-    mentor = {p: rng.choice([q for q in people if q != p]) for p in people}
-    based = {c: rng.choice(cities) for c in companies}
-    founder = {c: rng.choice(people) for c in companies}
-    corpus = [{"id": str(i), "contents": f'"{p}"\n{p} was born in {born[p]}. {p} was mentored by {mentor[p]}.'}
-              for i, p in enumerate(people)]
-    corpus += [{"id": str(len(people) + i), "contents": f'"{c}"\n{c} is a company based in {based[c]}. '
-                f'It was founded by {founder[c]}.'} for i, c in enumerate(companies)]
+
+def _questions(rng, people, companies, facts):
+    """Every question of the world, by type, shuffled."""
+    born, mentor, based, founder, sibling = (facts[k] for k in
+                                             ("born", "mentor", "based", "founder", "sibling"))
     qa = lambda q, a, t, **plan: {"question": q, "answer": [a], "kind": "qa", "type": t, **plan}
     onehop = [qa(f"Where was {p}, a sibling of {sibling[p]}, born?", born[p], "onehop", hops=[p],
                  decoy=sibling[p], decoy_answer=born[sibling[p]]) for p in people]
@@ -79,7 +92,8 @@ def make_world(seed, n_families=340, siblings=6, n_companies=450, n_cities=40):
                  shortcut=born[p]) for p in people]
     for c in companies:        # the shortcut is what the first hop shows
         p = founder[c]
-        twohop.append(qa(f"Where was the founder of {c} born?", born[p], "twohop", hops=[c, p], shortcut=based[c]))
+        twohop.append(qa(f"Where was the founder of {c} born?", born[p], "twohop", hops=[c, p],
+                         shortcut=based[c]))
         twohop.append(qa(f"Who mentored the founder of {c}?", mentor[p], "twohop", hops=[c, p], shortcut=p))
     arith, seen = [], set()
     while len(arith) < len(twohop):      # one template, fixed digit counts, 3-digit results: fixed offsets
@@ -90,7 +104,7 @@ def make_world(seed, n_families=340, siblings=6, n_companies=450, n_cities=40):
                           "type": "arith", "code": code})
     for pool in (onehop, twohop, arith):
         rng.shuffle(pool)
-    return {"arith": arith, "onehop": onehop, "twohop": twohop}, corpus
+    return {"arith": arith, "onehop": onehop, "twohop": twohop}
 
 
 def split_world(questions, sizes):
@@ -119,7 +133,7 @@ def teacher_trace(ex, search, rng, wrong_rate, error_rate):
     call = lambda tag, payload, result: f"<{tag}>{payload}</{tag}>{tools.format_result(result)} "
     wrong, slip = rng.random() < wrong_rate, rng.random() < error_rate
     if ex["type"] == "arith":
-        if wrong:                                           # answers from memory: a tiny model cannot multiply
+        if wrong:                                           # from memory: a tiny model cannot multiply
             return box(int(ex["answer"][0]) + rng.choice([-1, 1]) * rng.randint(1, 60))
         text = call("python", f"print({ex['code']}", tools.python_tool(f"print({ex['code']}")) if slip else ""
         return text + call("python", f"print({ex['code']})", ex["answer"][0]) + box(ex["answer"][0])
@@ -155,7 +169,8 @@ def build_tokenizer(texts):
     syllables = sorted(SYLLABLES + [s.capitalize() for s in SYLLABLES], key=lambda s: (-len(s), s))
     pre = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\s"), "isolated"), pre_tokenizers.Punctuation("isolated"),
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.Split(Regex("|".join(syllables)), "isolated")])
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Split(Regex("|".join(syllables)), "isolated")])
     texts = [*texts, PROTOCOL, tools.NO_RESULTS, TOOL_MESSAGES]         # the tag protocol is always known
     pieces = {p for text in texts for p, _ in pre.pre_tokenize_str(text)} | set(syllables) | set("0123456789")
     vocab = {"<|pad|>": 0, "<|eos|>": 1, "<|unk|>": 2}
@@ -200,7 +215,8 @@ def build(out_dir, seed, sizes, wrong_rate, error_rate, hidden, layers, heads, p
             _write_jsonl(paths[k], corpus if k == "corpus" else splits[k])
     splits = {k: _read_jsonl(paths[k]) for k in sizes}
     if not os.path.exists(os.path.join(init, "config.json")):
-        texts = [prompt_text(ex["question"]) + ex.get("response", "") for rows in splits.values() for ex in rows]
+        texts = [prompt_text(ex["question"]) + ex.get("response", "")
+                 for rows in splits.values() for ex in rows]
         texts += [p["contents"] for p in _read_jsonl(paths["corpus"])]
         tokenizer = build_tokenizer(texts)
         build_model(tokenizer, seed, hidden, layers, heads).save_pretrained(init)
