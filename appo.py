@@ -207,6 +207,12 @@ class Config:
     """Layers of the toy model (4 measured no better after 1,500 SFT steps, on validation)."""
     toy_heads: int = 4
     """Attention heads of the toy model."""
+    sft_data: str = ""
+    """Cold-start SFT traces (JSONL: chat `messages` ending with the assistant's turn, or question +
+    response) with the tag protocol inline. With --model, SFT runs first (cached in out_dir/sft)
+    and RL starts from it; `python toy.py natural DIR` writes such traces for a real chat model."""
+    sft_epochs: float = 0.0
+    """Passes over the SFT traces; > 0 overrides sft_steps."""
     sft_steps: int = 2500
     """Cold-start SFT steps (paper: 3 epochs of 54K traces). The toy: 2,500 x 16 traces (~11 epochs,
     ~4.5 minutes here), enough for the copying mechanics (tool calls right >= 80% of the time)."""
@@ -309,15 +315,15 @@ def parse_config(argv):
         (0 <= cfg.clip_low < 1 and cfg.clip_high >= 0, "need 0 <= --clip_low < 1 and --clip_high >= 0"),
         (cfg.max_tool_calls >= 0 and cfg.tool_timeout > 0,
          "--max_tool_calls must be >= 0, --tool_timeout > 0"),
-        (cfg.eval_limit >= 0 and cfg.sft_steps >= 0 and cfg.sft_batch_size >= 1,
-         "--eval_limit and --sft_steps must be >= 0, --sft_batch_size >= 1"),
+        (cfg.eval_limit >= 0 and cfg.sft_steps >= 0 and cfg.sft_epochs >= 0 and cfg.sft_batch_size >= 1,
+         "--eval_limit, --sft_steps and --sft_epochs must be >= 0, --sft_batch_size >= 1"),
         (not cfg.model or os.path.isdir(cfg.model) or _looks_like_hub_id(cfg.model),
          f"--model={cfg.model!r} is neither a folder nor a Hugging Face Hub id (org/name)"),
     ]
     for ok, message in checks:
         if not ok:
             stop("appo.py", message)
-    for key in ("train_data", "test_data", "search_corpus", "search_cache"):
+    for key in ("train_data", "val_data", "test_data", "sft_data", "search_corpus", "search_cache"):
         path = getattr(cfg, key)
         if path and not os.path.isfile(path):
             stop("appo.py", f"--{key}={path!r}: no such file")
@@ -1469,16 +1475,59 @@ def build_toy(cfg):
     sft_dir = os.path.join(cfg.toy_dir or cfg.out_dir, "sft")
     if os.path.exists(os.path.join(sft_dir, "config.json")):
         return sft_dir, splits
+    if not os.path.exists(os.path.join(sft_dir, "config.json")):
+        tokenizer = load_model(init, cfg)[1]
+        if tokenizer.tokenize("Kalove 714") != ["Ka", "lo", "ve", " ", "7", "1", "4"]:
+            raise RuntimeError(f"the toy tokenizer did not load back intact from {init} "
+                               f"({type(tokenizer).__name__})")
+    return cold_start(cfg, init, splits["sft"], sft_dir), splits
+
+
+def load_traces(path):
+    """Cold-start SFT traces (JSONL) -> [{messages (the prompt turns) or question, kind, response}].
+    A row holds chat `messages` ending with the assistant's turn, or `question` + `response`; the
+    response carries the tag protocol inline (<python>..</python> <result>..</result> ...
+    <answer>\\boxed{..}</answer>). A row without an assistant turn, or with tags that do not balance,
+    raises DataError naming the file and line."""
+    out = []
+    for n, row in read_jsonl(path, numbered=True):
+        where = f"{path}:{n}"
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if messages is not None:
+            if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
+                raise DataError(f"{where}: `messages` must end with the assistant's turn")
+            row = {"messages": messages[:-1], "question": "", "response": messages[-1].get("content") or ""}
+        elif not isinstance(row, dict) or not row.get("question") or "response" not in row:
+            raise DataError(f"{where}: needs `messages` (ending with the assistant's turn) or "
+                            "question + response")
+        if format_error(row["response"]) == "unbalanced_tags":
+            raise DataError(f"{where}: the response's tags do not balance (every <tag> needs its </tag>)")
+        out.append({"messages": row.get("messages"), "question": row["question"],
+                    "kind": row.get("kind", "qa"), "response": row["response"]})
+    if not out:
+        raise DataError(f"{path}: no traces")
+    return out
+
+
+def cold_start(cfg, init, traces, sft_dir):
+    """The paper's first stage: SFT of the model at `init` on `traces` (load_traces rows), loss on
+    the assistant's own tokens only; cached: an existing checkpoint at sft_dir is used as it is.
+    -> sft_dir, which RL (or a later run, --model=sft_dir) starts from."""
+    if os.path.exists(os.path.join(sft_dir, "config.json")):
+        return sft_dir
     model, tokenizer = load_model(init, cfg)
-    if tokenizer.tokenize("Kalove 714") != ["Ka", "lo", "ve", " ", "7", "1", "4"]:
-        raise RuntimeError(f"the toy tokenizer did not load back intact from {init} "
-                           f"({type(tokenizer).__name__})")
-    rows = [sft_rollout(tokenizer, build_prompt(tokenizer, ex["question"], ex["kind"], cfg.system_prompt),
-                        ex["response"]) for ex in splits["sft"]]
-    sft(model, rows, steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, warmup=cfg.sft_warmup,
-        seed=cfg.seed, pad_id=tokenizer.pad_token_id, dtype=cfg.dtype)
+    rows = [sft_rollout(tokenizer, build_prompt(tokenizer, t["question"], t["kind"], cfg.system_prompt,
+                                                t.get("messages")), t["response"]) for t in traces]
+    steps = cfg.sft_steps
+    if cfg.sft_epochs > 0:
+        steps = math.ceil(cfg.sft_epochs * len(rows) / cfg.sft_batch_size)
+    losses = sft(model, rows, steps=steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
+                 warmup=cfg.sft_warmup, seed=cfg.seed, pad_id=tokenizer.pad_token_id, dtype=cfg.dtype)
     save_hf(model, tokenizer, sft_dir)
-    return sft_dir, splits
+    if losses:
+        print(f"cold-start SFT: {steps} steps on {len(rows)} traces, "
+              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return sft_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1736,10 +1785,13 @@ def load_data(cfg):
     try:
         train, val, test = (load_examples(p) if p else None
                             for p in (cfg.train_data, cfg.val_data, cfg.test_data))
+        traces = load_traces(cfg.sft_data) if cfg.sft_data else None
     except DataError as e:
         stop("appo.py", str(e))
     os.makedirs(cfg.out_dir, exist_ok=True)
     model_path = cfg.model
+    if cfg.model and cfg.sft_data:                              # the paper's cold start, then RL
+        model_path = cold_start(cfg, cfg.model, traces, os.path.join(cfg.out_dir, "sft"))
     if not cfg.model:                                           # embedded default: the toy world
         model_path, splits = build_toy(cfg)
         train, val, test = train or splits["rl"], val or splits["val"], test or splits["test"]

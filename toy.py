@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import sys
 
 import tools
 
@@ -224,6 +225,80 @@ def build(out_dir, seed, sizes, wrong_rate, error_rate, hidden, layers, heads, p
     return splits, paths["corpus"], init
 
 
+# ---------------------------------------------------------------------------------------------
+# The same world for a real chat model (SmolLM2, Qwen): natural-language traces, right procedure
+# ---------------------------------------------------------------------------------------------
+# Unlike teacher_trace (bare tags, noisy decisions, for the tiny toy model), every trace here takes
+# the right procedure and reasons in plain sentences around the calls, so a pretrained chat model
+# can learn the tag protocol from a few hundred examples. `python toy.py natural DIR` writes them.
+ARITH_INTRO = ("I'll compute this with Python.", "Let me calculate this with Python.",
+               "I will evaluate the expression with Python.")
+ARITH_OUTRO = ("The result is {a}.", "Python prints {a}, so {code} = {a}.", "So the answer is {a}.")
+SEARCH_INTRO = ("I need to find {goal}.", "To answer this, I need to know {goal}.",
+                "Let me search for {goal}.")
+READ = ("The passage says {fact}", "According to the passage, {fact}", "I found that {fact}")
+NEXT = ("Now I need to find {goal}.", "Next, I need to know {goal}.", "So I still need to find {goal}.")
+ANSWER = ("<answer>\\boxed{{{a}}}</answer>", "<answer>The answer is \\boxed{{{a}}}.</answer>")
+
+
+def hops_of(ex):
+    """A search question -> [(entity to search, what we look for, relation, value)], in order."""
+    q, a, (h0, h1) = ex["question"], ex["answer"][0], (ex["hops"] + [None])[:2]
+    if ex["type"] == "onehop":
+        return [(h0, f"where {h0} was born", "was born in", a)]
+    if q.startswith("Where was the mentor of"):
+        return [(h0, f"who mentored {h0}", "was mentored by", h1),
+                (h1, f"where {h1} was born", "was born in", a)]
+    first = (h0, f"who founded {h0}", "was founded by", h1)
+    if q.startswith("Who mentored the founder of"):
+        return [first, (h1, f"who mentored {h1}", "was mentored by", a)]
+    return [first, (h1, f"where {h1} was born", "was born in", a)]
+
+
+def natural_trace(ex, search, rng):
+    """The assistant's response to one toy question: the right tool calls, reasoning between them."""
+    a = ex["answer"][0]
+    if ex["type"] == "arith":
+        out = tools.python_tool(f"print({ex['code']})")
+        assert out == a, (ex, out)
+        return (f"{rng.choice(ARITH_INTRO)}\n<python>print({ex['code']})</python>{tools.format_result(out)} "
+                f"{rng.choice(ARITH_OUTRO).format(a=a, code=ex['code'])}\n{rng.choice(ANSWER).format(a=a)}")
+    text = ""
+    for i, (entity, goal, relation, value) in enumerate(hops_of(ex)):
+        result = search(entity)
+        assert f"(Title: {entity})" in result and value in result, (ex, result)   # topk=1 found it
+        text += f"{rng.choice(NEXT if i else SEARCH_INTRO).format(goal=goal)}\n<search>{entity}</search>"
+        fact = rng.choice(READ).format(fact=f"{entity} {relation} {value}.")
+        text += f"{tools.format_result(result)} {fact}\n"
+    return text + rng.choice(ANSWER).format(a=a)
+
+
+def sft_row(ex, search, rng, system_prompt):
+    response = natural_trace(ex, search, rng)
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": ex["question"]},
+                {"role": "assistant", "content": response}]
+    return {"messages": messages, "question": ex["question"], "response": response, "kind": ex["kind"],
+            "type": ex["type"], "answer": ex["answer"]}
+
+
+def export_natural(out_dir, seed=0, n_sft=600, n_rl=300, n_test=150):
+    """Write sft.jsonl, rl.jsonl, test.jsonl (disjoint questions, a third of each type) and
+    corpus.jsonl into out_dir. Returns {file name: rows written}."""
+    questions, corpus = make_world(seed)
+    splits = split_world(questions, {"test": n_test, "val": 0, "rl": n_rl, "sft": n_sft})
+    search, rng = tools.Search(corpus=corpus, topk=1), random.Random(seed)
+    import appo                                      # the default system prompt, listing the tools
+    system_prompt = appo.default_system_prompt(tools.toolbox())
+    plain = lambda rows: [{k: ex[k] for k in ("question", "answer", "kind", "type")} for ex in rows]
+    files = {"sft.jsonl": [sft_row(ex, search, rng, system_prompt) for ex in splits["sft"]],
+             "rl.jsonl": plain(splits["rl"]),
+             "test.jsonl": plain(splits["test"]), "corpus.jsonl": corpus}
+    os.makedirs(out_dir, exist_ok=True)
+    for name, rows in files.items():
+        _write_jsonl(os.path.join(out_dir, name), rows)
+    return {name: len(rows) for name, rows in files.items()}
+
+
 def _write_jsonl(path, rows):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -234,3 +309,9 @@ def _write_jsonl(path, rows):
 def _read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (3, 7) or sys.argv[1] != "natural":
+        sys.exit("usage: python toy.py natural OUT_DIR [SEED N_SFT N_RL N_TEST]   (defaults 0 600 300 150)")
+    print(export_natural(sys.argv[2], *map(int, sys.argv[3:])))
