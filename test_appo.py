@@ -977,6 +977,9 @@ def test_core_tree_has_exactly_m_rollouts_with_shared_prefixes(memorized, n_init
         assert len(mine) == group_size and sum(r.parent < 0 for r in mine) == n_initial
     assert rollouts[:2 * n_initial] == [r for r in rollouts if r.parent < 0]   # initial ones first
     assert stats["tree/scored"] > 0 and stats["tree/omega_degenerate"] < stats["tree/scored"]  # Eq. 5 ran
+    per_row = sum(len(r.prompt) + (r.fork if r.parent >= 0 else 0) for r in rollouts)   # each row prefilled alone
+    assert stats["cost/prefill_tokens_per_row"] == per_row
+    assert stats["cost/prefill_tokens"] < per_row / 2                    # shared prompts and prefixes run once
     for r in rollouts:
         assert len(r.tokens) == len(r.mask) == len(r.logp) == len(r.entropy) and r.done
         if r.parent >= 0:
@@ -1261,6 +1264,101 @@ def test_script_kill_and_resume_matches_an_uninterrupted_run(toy_cache, tmp_path
     a, b = weights(out / "final"), weights(straight / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (out / "summary.json").read_text() == (straight / "summary.json").read_text()
+
+
+##### torchrun: data-parallel ranks (gloo on CPU) #####
+DDP_UPDATE = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import appo
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.set_num_threads(1)
+rank, world = appo.init_distributed()
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+g = torch.Generator().manual_seed(1)
+rollouts, advs = [], []
+for i in range(12):                                   # 4 prompts x 3 rollouts, uneven lengths
+    n = 6 + i % 5
+    r = appo.Rollout(example=i // 3, prompt=torch.randint(1, 40, (4,), generator=g).tolist(),
+                     tokens=torch.randint(1, 40, (n,), generator=g).tolist(), mask=[1] * n)
+    r.mask[2] = 0                                     # a tool-result token
+    rollouts.append(r)
+    advs.append(torch.randn(n, generator=g))
+logp, _, mask = appo.response_logprobs(model, rollouts, 1.0, 0)
+for r, row in zip(rollouts, logp):                    # pi_old a little off pi: ratios and clipping matter
+    r.logp = (row[:len(r.tokens)] + 0.3 * torch.randn(len(r.tokens), generator=g)).tolist()
+mine = [i for i, r in enumerate(rollouts) if r.example % world == rank]    # whole prompts per rank
+cfg = appo.Config(device="cpu", mini_batch_prompts=4 // world, micro_batch_size=2, ppo_epochs=2, lr=1e-3)
+opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+init = {{k: v.clone() for k, v in model.state_dict().items()}}
+appo.ppo_update(model, opt, [rollouts[i] for i in mine], [advs[i] for i in mine], None, cfg, appo.resolve(cfg), 0)
+if rank == 0:
+    torch.save({{"init": init, "final": model.state_dict()}}, sys.argv[1])
+"""
+
+
+def test_core_single_process_makes_no_distributed_call(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("joined a group"))
+    assert appo.init_distributed() == (0, 1) and not appo.distributed()
+    layer = torch.nn.Linear(2, 1)
+    layer(torch.ones(1, 2)).sum().backward()
+    grad = layer.weight.grad.clone()
+    assert appo.sync_gradients(layer, True, 5) is True and torch.equal(layer.weight.grad, grad)
+    assert appo.gather({"a": 1}) == [{"a": 1}]
+
+
+def test_core_combine_ranks_sums_counts_averages_rates_takes_slowest_time():
+    a = {"step": 3, "tree/rollouts": 64, "cost/tokens_generated": 1000, "reward/mean": 0.5, "time/update_s": 2.0}
+    b = {"step": 3, "tree/rollouts": 64, "cost/tokens_generated": 600, "reward/mean": 0.25, "time/update_s": 4.0}
+    assert appo.combine_ranks([a]) is a
+    assert appo.combine_ranks([a, b]) == {"step": 3, "tree/rollouts": 128, "cost/tokens_generated": 1600,
+                                          "reward/mean": 0.375, "time/update_s": 4.0}
+
+
+def torchrun(*args, nproc=2, timeout=300):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=HERE,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_script_torchrun_two_rank_update_equals_one_process_update(tmp_path):
+    """Same rollouts: 2 ranks (a prompt each per mini-batch) give the 1-process weights, to float
+    summation order (measured max |diff| 6e-8; 4e-3 without the gradient sync; lr = 1e-3)."""
+    script = tmp_path / "update.py"
+    script.write_text(DDP_UPDATE.format(here=HERE))
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], capture_output=True, text=True,
+                         timeout=120, env={k: v for k, v in os.environ.items() if k != "WORLD_SIZE"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(script, tmp_path / "two.pt")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    a, b = one["final"], two["final"]
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert moved_fraction(one["init"], a) > 0.5                          # the update did something
+
+
+def test_script_torchrun_run_logs_once_checkpoints_once_and_resumes(toy_cache, tmp_path):
+    out = seeded_dir(toy_cache, tmp_path)
+    res = torchrun(os.path.join(HERE, "appo.py"), f"--out_dir={out}", *SMOKE, "--save_every=2", timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("step 1/2") == 1 and res.stdout.count("step 2/2") == 1, res.stdout[-3000:]
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert all(m["tree/rollouts"] == 16 for m in metrics)                 # both ranks' trees counted
+    state = torch.load(out / "ckpt" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2 and len(state["rng"]) == 2                  # one RNG stream per rank
+    assert sorted(os.listdir(out / "ckpt")) == sorted(os.listdir(out / "final") + ["trainer_state.pt"])
+    assert json.load(open(out / "config.json"))["world"] == 2
+    res = torchrun(os.path.join(HERE, "appo.py"), f"--out_dir={out}", *SMOKE, "--save_every=2", "--steps=3",
+                   "--resume=True", timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("resumed from") == 1 and res.stdout.count("step 3/3") == 1, res.stdout[-3000:]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
+    assert json.load(open(out / "summary.json"))["steps"] == 3
 
 
 # ===============================================================================================
@@ -2167,6 +2265,19 @@ def test_eval_main_end_to_end_with_fake_agent(tmp_path, monkeypatch):
     assert json.loads((out / "summary.json").read_text())["averages"]["math"]["value"] == 0.5
     with pytest.raises(SystemExit):  # same out_dir, other settings: refuse to mix runs
         ev.main([f"--data_dir={d}", "--benchmarks=gsm8k", f"--out_dir={out}", "--seed=1"])
+
+
+def test_eval_real_agent_loop_feeds_evaluate(memorized, tmp_path):
+    """eval.py's own generate (appo's prompt and agent loop) through evaluate(): records complete."""
+    model, tokenizer, _ = memorized
+    generate = ev.make_generate(model, tokenizer, greedy(), run_python, "Use tools.")
+    rows = [{"question": "what is 6*7?", "kind": "math", "golds": ["42"]}]
+    score = lambda response, row: appo.compute_reward(response, row["golds"], "math")
+    (rec,) = ev.evaluate(rows, generate, score, str(tmp_path / "out.jsonl"))
+    assert rec["score"] == 1.0 and rec["tool_calls"] == 1, rec
+    n_result = len(tokenizer(" <result>\n42\n</result>", add_special_tokens=False)["input_ids"])
+    n_all = len(tokenizer(rec["response"], add_special_tokens=False)["input_ids"])
+    assert rec["n_generated"] == n_all - n_result
 
 
 ##### the judge #####
