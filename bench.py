@@ -266,6 +266,54 @@ def comparison_table(rows):
     return "\n".join(lines) + "\n"
 
 
+def sft_check(toy_dir, k="8", tau="0.7"):
+    """What a toy SFT checkpoint leaves to RL, on the validation split: greedy accuracy, pass@k at the
+    RL temperature, how often samples take the right procedure at the question's decision
+    (toy.procedure_ok) and how reliable the mechanics are (the share right among those)."""
+    import appo
+    import tools
+    import toy
+    k, tau = int(k), float(tau)
+    cfg = appo.Config(device="cpu", search_corpus=os.path.join(toy_dir, "world", "corpus.jsonl"))
+    model, tok = appo.load_model(os.path.join(toy_dir, "sft"), cfg)
+    exs = appo.read_jsonl(os.path.join(toy_dir, "world", "val.jsonl"))
+    box = tools.toolbox(search_backend=appo.make_search(cfg), timeout=5.0)
+    prompts = [appo.build_prompt(tok, e["question"], e["kind"], toy.SYSTEM_PROMPT) for e in exs]
+    torch.manual_seed(0)
+    greedy = appo.run_agent(model, tok, prompts, appo.Sampling(greedy=True, max_response_tokens=cfg.max_response_tokens),
+                            box)
+    samples = appo.run_agent(model, tok, [p for p in prompts for _ in range(k)],
+                             appo.Sampling(temperature=tau, max_response_tokens=cfg.max_response_tokens), box)
+    right = lambda r, e: appo.compute_reward(r.text, e["answer"], e["kind"])["score"] >= 1
+    total = {"greedy": 0, "pass@k": 0, "procedure": 0, "right": 0}
+    for ty in toy.TYPES:
+        idx = [i for i, e in enumerate(exs) if e["type"] == ty]
+        proc = [(i, j) for i in idx for j in range(k) if toy.procedure_ok(exs[i], samples[i * k + j])]
+        row = {"greedy": sum(right(greedy[i], exs[i]) for i in idx),
+               "pass@k": sum(any(right(samples[i * k + j], exs[i]) for j in range(k)) for i in idx),
+               "procedure": len(proc), "right": sum(right(samples[i * k + j], exs[i]) for i, j in proc)}
+        total = {key: total[key] + row[key] for key in total}
+        print(f"{ty}: greedy {row['greedy'] / len(idx):.3f}, pass@{k} {row['pass@k'] / len(idx):.3f}, right "
+              f"procedure {row['procedure'] / (len(idx) * k):.3f}, reliable {row['right'] / max(row['procedure'], 1):.3f}")
+    print(f"all ({len(exs)} questions): greedy {total['greedy'] / len(exs):.3f}, pass@{k} {total['pass@k'] / len(exs):.3f}, "
+          f"reliable {total['right'] / max(total['procedure'], 1):.3f}")
+
+
+def val(*runs):
+    """Greedy accuracy on the validation split of finished toy runs' final checkpoints: how settings
+    are chosen without the test split."""
+    import appo
+    import tools
+    for run in runs:
+        saved = json.load(open(os.path.join(run, "config.json")))
+        cfg = appo.Config(**{k: v for k, v in saved.items() if k in appo.Config.__dataclass_fields__})
+        world = os.path.join(cfg.toy_dir or run, "world")
+        model, tok = appo.load_model(os.path.join(run, "final"), cfg)
+        box = tools.toolbox(search_backend=appo.make_search(cfg), timeout=5.0)
+        m = appo.evaluate(model, tok, appo.load_examples(os.path.join(world, "val.jsonl")), cfg, box, "val")
+        print(run, json.dumps({k: round(v, 3) for k, v in m.items() if k == "acc" or k.startswith("acc/")}), flush=True)
+
+
 LEDGER = [("initial rollouts", lambda m: m["tree/rollouts"] - m["tree/branches"]),
           ("branch rollouts", lambda m: m["tree/branches"]),
           ("tokens generated", lambda m: m["cost/tokens_generated"]),
@@ -302,7 +350,8 @@ def ledger(out="out/compare", variants="appo,grpo,arpo"):
 
 if __name__ == "__main__":
     benchmarks = {"memory": memory, "stops": stops, "compare": compare, "loop": loop, "speed_model": speed_model,
-                  "speed_data": speed_data, "trl": trl, "gpu_plan": gpu_plan, "ledger": ledger}
+                  "speed_data": speed_data, "trl": trl, "gpu_plan": gpu_plan, "ledger": ledger,
+                  "sft_check": sft_check, "val": val}
     if len(sys.argv) < 2 or sys.argv[1] not in benchmarks:
         sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}} [args]")
     benchmarks[sys.argv[1]](*sys.argv[2:])

@@ -1119,7 +1119,7 @@ def test_script_help_shows_every_setting_with_its_meaning(script):
         assert f"--{f.name}=" in out.stdout and docs[f.name], f.name                # every setting documented
         assert docs[f.name].split()[0] in out.stdout
     if script == "appo.py":
-        assert "Paper: 4 (code: 8)" in out.stdout and "--lr=0.0005" in out.stdout   # meaning, default, paper value
+        assert "Paper: 4 (code: 8)" in out.stdout and "--lr=0.00025" in out.stdout   # meaning, default, paper value
 
 
 @pytest.mark.parametrize("args, message", [
