@@ -1943,7 +1943,6 @@ class Run:
     start: int = 0                      # last finished step (a resumed run goes on from it)
     before: dict = None                 # the SFT checkpoint's evaluation, measured once
     rank: int = 0                       # this process under torchrun (0 alone logs, evaluates, saves)
-    world: int = 1                      # processes under torchrun
 
     @property
     def metrics_path(self):
@@ -1964,7 +1963,7 @@ def start_run(cfg, recipe, model_path, rank=0, world=1):
     anchor = {"prev": frozen_copy(model), "ref": ref, "sampler": None}[cfg.omega_anchor]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = Run(cfg, recipe, model, tokenizer, optimizer, anchor, ref,
-              tools.toolbox(search_backend=make_search(cfg), timeout=cfg.tool_timeout), rank=rank, world=world)
+              tools.toolbox(search_backend=make_search(cfg), timeout=cfg.tool_timeout), rank=rank)
     if ckpt:
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
         run.optimizer.load_state_dict(state["optimizer"])
@@ -2060,9 +2059,11 @@ def main(argv=None):
     recipe, local = resolve(cfg), dataclasses.replace(cfg, mini_batch_prompts=cfg.mini_batch_prompts // world)
     seed_everything(cfg.seed)
     t_start = time.time()
-    barrier() if rank else None                                 # rank 0 builds the toy world first
+    if rank:
+        barrier()                                               # rank 0 builds the toy world first
     model_path, train, val, test = load_data(cfg)              # the toy world unless --model
-    barrier() if not rank else None
+    if not rank:
+        barrier()
     run = start_run(cfg, recipe, model_path, rank, world)
     model, tokenizer, device = run.model, run.tokenizer, next(run.model.parameters()).device
     content_ids, reporter = content_token_mask(tokenizer), make_reporter(cfg) if rank == 0 else None
