@@ -217,8 +217,8 @@ class Config:
     """Passes over the SFT traces; > 0 overrides sft_steps."""
     sft_steps: int = 4000
     """Cold-start SFT steps (paper: 3 epochs of 54K traces). The toy: 4,000 x 16 traces (~18 epochs,
-    ~8.5 minutes on 2 cores), enough for the copying mechanics on every seed (2,500 left seed 1 unable
-    to copy digits: arithmetic right 1.5 % of the time when done through python; validation split)."""
+    ~8.4 minutes on 2 cores): on the validation split the right tool procedure then gives the right
+    answer 79-87 % of the time on seeds 0-2 (2,500 steps: 53-94 %; seed 1 could not copy digits)."""
     sft_batch_size: int = 16
     """Traces per SFT step."""
     sft_lr: float = 3e-3
