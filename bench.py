@@ -266,19 +266,26 @@ def comparison_table(rows):
     return "\n".join(lines) + "\n"
 
 
+def saved_agent(model_dir, cfg):
+    """A saved checkpoint and the tools a run with `cfg` gives it: (model, tokenizer, toolbox)."""
+    import appo
+    import tools
+    model, tok = appo.load_model(model_dir, cfg)
+    return model, tok, tools.toolbox(search_backend=appo.make_search(cfg), timeout=cfg.tool_timeout)
+
+
 def sft_check(toy_dir, k="8", tau="0.7"):
     """What a toy SFT checkpoint leaves to RL, on the validation split: greedy accuracy, pass@k at the
     RL temperature, how often samples take the right procedure at the question's decision
     (toy.procedure_ok) and how reliable the mechanics are (the share right among those)."""
     import appo
-    import tools
     import toy
     k, tau = int(k), float(tau)
-    cfg = appo.Config(device="cpu", search_corpus=os.path.join(toy_dir, "world", "corpus.jsonl"))
-    model, tok = appo.load_model(os.path.join(toy_dir, "sft"), cfg)
+    cfg = appo.Config(device="cpu", search_corpus=os.path.join(toy_dir, "world", "corpus.jsonl"),
+                      system_prompt=toy.SYSTEM_PROMPT)
+    model, tok, box = saved_agent(os.path.join(toy_dir, "sft"), cfg)
     exs = appo.read_jsonl(os.path.join(toy_dir, "world", "val.jsonl"))
-    box = tools.toolbox(search_backend=appo.make_search(cfg), timeout=5.0)
-    prompts = [appo.build_prompt(tok, e["question"], e["kind"], toy.SYSTEM_PROMPT) for e in exs]
+    prompts = [appo.example_prompt(tok, e, cfg) for e in exs]
     torch.manual_seed(0)
     greedy = appo.run_agent(model, tok, prompts, appo.Sampling(greedy=True, max_response_tokens=cfg.max_response_tokens),
                             box)
@@ -303,13 +310,11 @@ def val(*runs):
     """Greedy accuracy on the validation split of finished toy runs' final checkpoints: how settings
     are chosen without the test split."""
     import appo
-    import tools
     for run in runs:
         saved = json.load(open(os.path.join(run, "config.json")))
         cfg = appo.Config(**{k: v for k, v in saved.items() if k in appo.Config.__dataclass_fields__})
         world = os.path.join(cfg.toy_dir or run, "world")
-        model, tok = appo.load_model(os.path.join(run, "final"), cfg)
-        box = tools.toolbox(search_backend=appo.make_search(cfg), timeout=5.0)
+        model, tok, box = saved_agent(os.path.join(run, "final"), cfg)
         m = appo.evaluate(model, tok, appo.load_examples(os.path.join(world, "val.jsonl")), cfg, box, "val")
         print(run, json.dumps({k: round(v, 3) for k, v in m.items() if k == "acc" or k.startswith("acc/")}), flush=True)
 
