@@ -153,6 +153,12 @@ class Config:
     """Passes over the step's rollouts."""
     micro_batch_size: int = 32
     """Rollouts per forward/backward; gradients accumulate over a mini-batch. Lower it on a GPU."""
+    recompute_logp: bool = True
+    """pi_old of Eqs. 7-8 and the policy side of Eq. 4 from the trainer's own forward pass (as verl
+    recomputes old log-probs), not from the sampler's KV-cached decoding, so both sides of every ratio
+    are one computation (README Decisions). The two paths agree to ~1e-6 in float32 but differ by up to
+    ~3e-3 under bf16 autocast. Costs one no-grad forward pass over the trained rollouts per step, and
+    one over each branching round's rollouts. False: the sampler's values (exact only in float32)."""
     lr: float = 2.5e-4
     """AdamW learning rate. Paper code: 1e-6 for 7B; the 0.6M-parameter toy needs far more. Chosen on
     the toy's validation split, the same for every algorithm: 1e-3 collapsed arithmetic (21.0% after
@@ -354,9 +360,8 @@ class Recipe:
     candidates: str             # "all" sampled tokens (Eqs. 3-5) | "after_tool" (ARPO: first after a result)
     branch_rule: str            # bs (Eq. 5) | entropy | random: how candidates are ranked
     keep_branch_token: bool     # a branch keeps y_t and re-samples from y_{t+1} (else re-samples y_t)
-    train_branches: bool        # branches are in the loss (GRPO, ARPO) or only supply credit (APPO)
     dual_group: bool            # Eq. 6: initial and branch rollouts normalised in separate groups
-    prefix_credit: bool         # Eq. 6: tokens shared with branches average both advantages
+    prefix_credit: bool         # Eq. 6 prefix averaging; only initial rollouts trained (else all, one A each)
     future_weight: float        # b of Eq. 7 (0 = off)
     refill: bool                # top up a prompt short of M with fresh rollouts (ARPO at equal budget)
 
@@ -364,11 +369,11 @@ class Recipe:
 def resolve(cfg):
     """--algo (and the ablation settings) -> Recipe. The one place that reads cfg.algo."""
     if cfg.algo == "grpo":
-        return Recipe(cfg.group_size, False, "all", cfg.branch_score, cfg.keep_branch_token, True, False,
+        return Recipe(cfg.group_size, False, "all", cfg.branch_score, cfg.keep_branch_token, False,
                       False, 0.0, False)
     if cfg.algo == "arpo":                  # re-samples at its tool boundary, ranks by entropy, plain groups
-        return Recipe(cfg.n_initial, True, "after_tool", "entropy", False, True, False, False, 0.0, True)
-    return Recipe(cfg.n_initial, True, "all", cfg.branch_score, cfg.keep_branch_token, False, cfg.dual_group,
+        return Recipe(cfg.n_initial, True, "after_tool", "entropy", False, False, False, 0.0, True)
+    return Recipe(cfg.n_initial, True, "all", cfg.branch_score, cfg.keep_branch_token, cfg.dual_group,
                   True, cfg.future_weight, False)
 
 
@@ -1246,13 +1251,15 @@ def branch_round(model, anchor, rollouts, frontier, count, cfg, recipe, content_
     a prompt would overshoot M the globally best points are kept. -> the new branches (not sampled)."""
     rows = [rollouts[i] for i in frontier]
     score = lambda m: score_rollouts(m, rows, cfg.temperature, pad_id, cfg.micro_batch_size, cfg.logit_chunk)
+    sampled = [torch.tensor(r.logp) for r in rows]
     if recipe.branch_rule != "bs":
-        logp = anchor_logp = [torch.tensor(r.logp) for r in rows]          # Omega unused
-    elif cfg.omega_anchor == "sampler":
-        logp, anchor_logp = score(model), [torch.tensor(r.logp) for r in rows]
-    else:
+        logp = anchor_logp = sampled                                        # Omega unused
+    elif cfg.omega_anchor == "sampler":                                     # reference-code parity
+        logp, anchor_logp = score(model), sampled
+    else:                                   # both sides one computation: the anchor = the policy gives 1
+        logp = score(model) if cfg.recompute_logp else sampled
         with on_device(anchor, next(model.parameters()).device):
-            logp, anchor_logp = [torch.tensor(r.logp) for r in rows], score(anchor)
+            anchor_logp = score(anchor)
     mask, entropy = stack_rows([r.mask for r in rows]), stack_rows([r.entropy for r in rows])
     omega = future_values(stack_rows(logp), stack_rows(anchor_logp), mask, half_life=cfg.half_life)   # Eq. 4
     cands = candidate_mask(rows, content_ids, recipe.keep_branch_token, recipe.candidates == "after_tool")
@@ -1358,54 +1365,96 @@ def rollout_advantages(rollouts, recipe):
     return train, rows
 
 
-def ppo_update(model, optimizer, train, advs, ref_logps, cfg, recipe, pad_id):
-    """PPO mini-batches over prompts, micro-batches for memory; one optimizer step per mini-batch.
-    pi_old is the sampler's log-probs (same weights, nothing recomputed). Forward passes run
-    under autocast when cfg.dtype asks for bf16; weights and optimizer state stay float32.
-    A non-finite loss or gradient skips that optimizer step and is counted."""
-    device = next(model.parameters()).device
+def update_plan(train, cfg):
+    """The update's schedule, drawn up front: per epoch, per PPO mini-batch (whole prompts, so Eq. 6's
+    groups stay together, in shuffled order), the micro-batches as index lists into `train`."""
     by_prompt = {}
     for i, r in enumerate(train):
         by_prompt.setdefault(r.example, []).append(i)
-    sums, n_rows, skipped, updates, norms = {}, 0, 0, 0, []
+    plan = []
     for _ in range(cfg.ppo_epochs):
         order = list(by_prompt)
         random.shuffle(order)
+        epoch = []
         for start in range(0, len(order), cfg.mini_batch_prompts):
             idx = [i for e in order[start:start + cfg.mini_batch_prompts] for i in by_prompt[e]]
-            optimizer.zero_grad(set_to_none=True)
-            finite = True
-            for m0 in range(0, len(idx), cfg.micro_batch_size):
-                micro = idx[m0:m0 + cfg.micro_batch_size]
-                with autocast(device, cfg.dtype):
-                    logp, _, mask = response_logprobs(model, [train[i] for i in micro], cfg.temperature,
-                                                      pad_id, cfg.logit_chunk)
-                T = logp.shape[1]
-                row = lambda xs: stack_rows([xs[i] for i in micro], T).to(device)
-                loss, metrics = appo_policy_loss(
-                    logp, row([r.logp for r in train]), row(advs), mask, half_life=cfg.half_life,
-                    future_weight=recipe.future_weight, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                    dual_clip=cfg.dual_clip, ref_logp=row(ref_logps) if ref_logps else None,
-                    kl_coef=cfg.kl_coef)
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                (loss * len(micro) / len(idx)).backward()                      # Eq. 8: mean over rollouts
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(micro)
-                n_rows += len(micro)
-            finite = sync_gradients(model, finite, len(idx))                   # torchrun: mean over ranks
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if finite else None
-            if not finite or not torch.isfinite(grad_norm):
-                optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                continue
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)                              # free them until the next
-            updates += 1
-            norms.append(float(grad_norm))
+            epoch.append([idx[m:m + cfg.micro_batch_size] for m in range(0, len(idx), cfg.micro_batch_size)])
+        plan.append(epoch)
+    return plan
+
+
+@torch.no_grad()
+def old_logprobs(model, train, micro_batches, cfg, pad_id):
+    """log pi_old(y_t) of each trained rollout from the trainer's forward pass (cfg.recompute_logp),
+    in the micro-batches the first epoch's loss will use: the same computation on the same weights, so
+    the first mini-batch's ratio is exactly 1 in any dtype (README Decisions). -> list of 1-D tensors."""
+    device, out = next(model.parameters()).device, [None] * len(train)
+    for micro in micro_batches:
+        with autocast(device, cfg.dtype):
+            logp, _, _ = response_logprobs(model, [train[i] for i in micro], cfg.temperature, pad_id,
+                                           cfg.logit_chunk)
+        for j, i in enumerate(micro):
+            out[i] = logp[j, :len(train[i].tokens)].float()
+    return out
+
+
+def policy_loss_backward(model, rows, old, advs, ref_logps, cfg, recipe, pad_id, weight):
+    """Eqs. 7-8 on one micro-batch (`rows` index the trained rollouts): forward under autocast, the
+    APPO loss, backward scaled by `weight` (its share of the mini-batch, so gradients accumulate to
+    Eq. 8's mean over rollouts). -> (loss, metrics); nothing is backpropagated if the loss is not finite."""
+    with autocast(next(model.parameters()).device, cfg.dtype):
+        logp, _, mask = response_logprobs(model, rows, cfg.temperature, pad_id, cfg.logit_chunk)
+    as_rows = lambda xs: stack_rows(xs, logp.shape[1]).to(logp.device)      # (b, T)
+    loss, metrics = appo_policy_loss(
+        logp, as_rows(old), as_rows(advs), mask, half_life=cfg.half_life, future_weight=recipe.future_weight,
+        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+        ref_logp=as_rows(ref_logps) if ref_logps else None, kl_coef=cfg.kl_coef)
+    if torch.isfinite(loss):
+        (loss * weight).backward()
+    return loss, metrics
+
+
+def optimizer_step(model, optimizer, finite, n_rows, grad_clip):
+    """The generic part of one update: average gradients over ranks (torchrun), clip, step, or skip the
+    step when any rank's loss or the gradient is not finite. -> the gradient norm, or None if skipped."""
+    finite = sync_gradients(model, finite, n_rows)                           # torchrun: mean over ranks
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if finite else None
+    if finite and torch.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)                                    # free them until the next
+    return float(grad_norm) if finite and torch.isfinite(grad_norm) else None
+
+
+def ppo_update(model, optimizer, train, advs, ref_logps, cfg, recipe, pad_id):
+    """PPO mini-batches over prompts, micro-batches for memory; one optimizer step per mini-batch.
+    pi_old: re-scored by the trainer (cfg.recompute_logp, default) or the sampler's log-probs. Forward
+    passes run under autocast when cfg.dtype asks for bf16; weights and optimizer state stay float32.
+    A non-finite loss or gradient skips that optimizer step and is counted."""
+    plan = update_plan(train, cfg)
+    old = [r.logp for r in train]
+    if cfg.recompute_logp and plan:
+        old = old_logprobs(model, train, [m for mini in plan[0] for m in mini], cfg, pad_id)
+    sums, n_rows, skipped, norms = {}, 0, 0, []
+    for mini in (mini for epoch in plan for mini in epoch):
+        optimizer.zero_grad(set_to_none=True)
+        finite, size = True, sum(map(len, mini))
+        for micro in mini:
+            loss, metrics = policy_loss_backward(
+                model, [train[i] for i in micro], [old[i] for i in micro], [advs[i] for i in micro],
+                [ref_logps[i] for i in micro] if ref_logps else None, cfg, recipe, pad_id, len(micro) / size)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * len(micro)
+            n_rows += len(micro)
+        grad_norm = optimizer_step(model, optimizer, finite, size, cfg.grad_clip)
+        if grad_norm is None:
+            skipped += 1
+        else:
+            norms.append(grad_norm)
     out = {f"loss/{k}": v / max(n_rows, 1) for k, v in sums.items()}
-    out.update({"update/skipped_nonfinite": skipped, "update/optimizer_steps": updates,
+    out.update({"update/skipped_nonfinite": skipped, "update/optimizer_steps": len(norms),
                 "update/grad_norm": sum(norms) / len(norms) if norms else 0.0})
     return out
 
@@ -1642,6 +1691,7 @@ def load_model(name_or_path, cfg):
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32).to(device)
     except (OSError, ValueError) as e:
         stop("appo.py", f"cannot load model {name_or_path!r}: {str(e).strip().splitlines()[0]}")
+    disable_dropout(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.gradient_checkpointing:
@@ -1649,6 +1699,22 @@ def load_model(name_or_path, cfg):
         model.config.use_cache = True      # generation still uses the KV cache
     model.eval()
     return model, tokenizer
+
+
+def disable_dropout(model):
+    """Dropout off everywhere (TRL's default for RL too): sampling runs in eval mode and the loss in
+    train mode, so with dropout the two would be different functions and the PPO ratio noise. Covers
+    nn.Dropout modules and the float rates attention layers read in forward (`attention_dropout`)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "attn_dropout", "resid_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    for key, value in list(vars(model.config).items()):
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(model.config, key, 0.0)                      # saved checkpoints keep it off
+    return model
 
 
 def make_search(cfg):
