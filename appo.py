@@ -595,15 +595,30 @@ def zscore(x, mask):
     return torch.where(m & (std >= 1e-6), z, torch.zeros_like(z))
 
 
-def branching_score(entropy, omega, mask):
-    """Eq. 5: BS_t = Z(Omega_t) * Z(H_t), z-scores over one rollout's candidate positions.
+TIER = 1e6   # rank offset of the strict tier in Eq. 5's ordering: |BS| <= #candidates, far below it
 
-    `omega` is already clipped to [1, 1.2] (future_values does it). Zero off the mask, and
-    zero on a row where either score is constant (std ~ 0), e.g. Omega = 1 at step 1.
+
+def branching_score(entropy, omega, mask):
+    """Eq. 5, and the order branch points are taken in: BS_t = Z(Omega_t) * Z(H_t), z-scores over
+    one rollout's candidate positions (`mask`). `omega` is already clipped to [1, 1.2] (Eq. 4).
+
+    Returns (bs, rank, degenerate):
+      bs (B, T): Z(Omega) Z(H), 0 off the mask;
+      rank (B, T) float64, what select_branch_points sorts by (ties in position order): first the
+        uncertain *and* consequential points, Z(H) > 0 and Z(Omega) > 0 (+TIER), then the rest, each
+        tier by BS; on a degenerate row, where Z(Omega) is 0 on every candidate (Omega constant, as
+        at step 1 when the anchor equals the policy), by Z(H) alone;
+      degenerate (B,) bool.
     Example: H = [[1, 2, 3]], Omega = [[1.0, 1.1, 1.2]] -> Z's both [-1.2247, 0, 1.2247]
-             -> BS = [[1.5, 0, 1.5]].
+             -> bs = [[1.5, 0, 1.5]], rank = [[1.5, 0, 1e6 + 1.5]] (only t = 2 is in the tier).
     """
-    return zscore(omega, mask) * zscore(entropy, mask)  # (B, T)
+    cand = mask.bool()
+    z_h, z_omega = zscore(entropy, cand).double(), zscore(omega, cand).double()  # (B, T)
+    bs = z_h * z_omega  # (B, T)
+    degenerate = cand.any(-1) & ~((z_omega != 0) & cand).any(-1)  # (B,) Z(Omega) all 0
+    strict = (z_h > 0) & (z_omega > 0)  # (B, T) uncertain and consequential
+    rank = torch.where(degenerate[:, None], z_h, bs + TIER * strict)  # (B, T)
+    return bs, rank, degenerate
 
 
 def dual_group_advantages(rewards, prompt_ids, is_branch):
@@ -752,39 +767,30 @@ def appo_policy_loss(logp, old_logp, advantages, mask, *, half_life=32.0, future
 
 
 def select_branch_points(entropy, omega, candidates, k, rule="bs", generator=None):
-    """Spec section 2 step 3: up to k branch points per rollout (row) among `candidates` (B, T).
+    """Up to k branch points per rollout (row) among `candidates` (B, T), best first.
 
-    rule "bs": Z-scores over the row's candidates; first the strict tier Z(H) > 0 and
-      Z(Omega) > 0 by BS = Z(Omega) Z(H) descending, then the rest by BS descending. Where
-      Z(Omega) is 0 on every candidate (degenerate, e.g. step 1), rank by Z(H) alone.
+    rule "bs": by Eq. 5's rank (branching_score: strict tier, then BS; Z(H) on degenerate rows).
     rule "entropy": by H descending (ablation; ARPO's rule). rule "random": uniform (generator).
-    Returns points (per row, positions in rank order), priority (per row, the value ranked by;
-    bs strict-tier points get +1e6 so they outrank every fill point when a caller keeps the
-    global top), degenerate (B,) bool: rows ranked by Z(H) alone (always False for other rules).
-    Ties keep position order. Fewer candidates than k gives all; none gives [].
+    Returns points (per row, positions in rank order), priority (per row, the rank values, which
+    compare across rows when a caller keeps the global top), degenerate (B,) bool (always False
+    for the other rules). Ties keep position order. Fewer candidates than k gives all; none, [].
     Example: H = [[0, 1, 3, 4]], Omega = [[1.0, 1.2, 1.2, 1.0]], all candidates, k = 2:
              Z(H) = [-1.26, -0.63, 0.63, 1.26], Z(Omega) = [-1, 1, 1, -1], BS = [1.26, -0.63,
              0.63, -1.26]; strict tier = {2} -> points [[2, 0]], priority [[1e6 + 0.63, 1.26]].
     """
     cand = candidates.bool()
-    z_h, z_omega = zscore(entropy, cand).double(), zscore(omega, cand).double()  # (B, T)
-    strict = (z_h > 0) & (z_omega > 0)  # (B, T) uncertain and consequential
-    degenerate = cand.any(-1) & ~((z_omega != 0) & cand).any(-1)  # (B,) Z(Omega) all 0
-    if rule != "bs":
-        degenerate = torch.zeros_like(degenerate)  # only the bs rule falls back to Z(H)
+    if rule == "bs":
+        _, rank, degenerate = branching_score(entropy, omega, cand)
+    elif rule in ("entropy", "random"):
+        rank, degenerate = entropy.double(), torch.zeros(cand.shape[0], dtype=torch.bool)
+    else:
+        raise ValueError(f"rule must be 'bs', 'entropy' or 'random', got {rule!r}")
     points, priority = [], []
     for row in range(cand.shape[0]):
         idx = cand[row].nonzero().squeeze(1)  # (n,) candidate positions
+        key = rank[row, idx]
         if rule == "random":
             key = torch.rand(len(idx), generator=generator, dtype=torch.double)
-        elif rule == "entropy":
-            key = entropy[row, idx].double()
-        elif rule == "bs":
-            # +1e6 puts the strict tier first: |BS| <= #candidates, far below 1e6
-            bs = z_h[row, idx] * z_omega[row, idx] + 1e6 * strict[row, idx]
-            key = z_h[row, idx] if degenerate[row] else bs
-        else:
-            raise ValueError(f"rule must be 'bs', 'entropy' or 'random', got {rule!r}")
         order = torch.argsort(key, descending=True, stable=True)[:k]
         points.append(idx[order].tolist())
         priority.append(key[order].tolist())
@@ -1317,13 +1323,18 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, recipe, box, content_ids
 
 
 def record_signals(rows, entropy, omega, candidates):
-    """Keep each scored rollout's per-token Eq. 4-5 values for the tree page and the metrics."""
+    """Keep each scored rollout's per-token Eq. 4-5 values for the tree page and the metrics: `bs` is
+    what Eq. 5 ranked the candidates by within their tier (BS, or Z(H) on a degenerate rollout), `tier`
+    marks the uncertain-and-consequential points that come first."""
     z_h, z_omega = zscore(entropy, candidates), zscore(omega, candidates)
-    bs = branching_score(entropy, omega, candidates)
+    _, rank, _ = branching_score(entropy, omega, candidates)
+    tier = rank >= TIER / 2
+    ranked = (rank - TIER * tier).float()
     for j, r in enumerate(rows):
         n = len(r.tokens)
-        r.signals = {"omega": omega[j, :n].tolist(), "z_h": z_h[j, :n].tolist(), "bs": bs[j, :n].tolist(),
-                     "z_omega": z_omega[j, :n].tolist(), "candidate": candidates[j, :n].int().tolist()}
+        r.signals = {"omega": omega[j, :n].tolist(), "z_h": z_h[j, :n].tolist(), "bs": ranked[j, :n].tolist(),
+                     "tier": tier[j, :n].int().tolist(), "z_omega": z_omega[j, :n].tolist(),
+                     "candidate": candidates[j, :n].int().tolist()}
 
 
 def sampling_of(cfg, greedy=False):
@@ -1955,7 +1966,8 @@ def rollout_record(r, index, texts):
             "fork": r.fork,
             "branch_pos": r.branch_pos, "tokens": [texts[t] if t < len(texts) else "" for t in r.tokens],
             "mask": r.mask, "entropy": r.entropy, "omega": sig.get("omega"), "z_h": sig.get("z_h"),
-            "z_omega": sig.get("z_omega"), "bs": sig.get("bs"), "candidate": sig.get("candidate"),
+            "z_omega": sig.get("z_omega"), "bs": sig.get("bs"), "tier": sig.get("tier"),
+            "candidate": sig.get("candidate"),
             "adv": r.adv or None, "branch_points": r.branch_points, "reward": r.reward, "score": r.score,
             "format_ok": r.format_ok, "tool_calls": r.tool_calls, "truncated": r.truncated,
             "trained": bool(r.adv)}

@@ -20,10 +20,10 @@ SPANS = ("reasoning", "tool_call", "after_result", "answer", "result")
 SIGNALS = (                           # (record key, data-* attribute, radio label)
     ("entropy", "h", "entropy H"),
     ("omega", "o", "future value Ω"),
-    ("bs", "bs", "Branching Score"),
+    ("bs", "bs", "Branching Score (as ranked)"),
     ("adv", "a", "advantage"),
 )
-HOVER_ONLY = (("z_h", "zh"), ("z_omega", "zo"))   # in the tooltip, not a shading choice
+HOVER_ONLY = (("z_h", "zh"), ("z_omega", "zo"), ("tier", "tier"))   # in the tooltip, not a shading choice
 SHORT_RESULT = 160                   # tool results longer than this (chars) are collapsed
 CONTEXT_CHARS = 60                   # shared text shown before a branch's continuation
 PREVIEW_CHARS = 110                  # continuation text in a collapsed branch's one-line summary
@@ -329,7 +329,8 @@ def write_tree_page(record, path):
 
     record: {"step", "algo", "run", "prompts": [{"question", "answer": [...], "kind", "rollouts": [...]}]};
     a rollout: id, parent (-1 initial), root, fork, tokens, mask, entropy / omega / z_h / z_omega / bs /
-    adv (per-token lists, any may be None), candidate, branch_points, reward, score, format_ok,
+    tier / adv (per-token lists, any may be None; bs is the value Eq. 5 ranked by, tier marks the
+    uncertain-and-consequential points ranked first), candidate, branch_points, reward, score, format_ok,
     tool_calls, truncated, trained. Ids index the prompt's rollout list.
     """
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -432,7 +433,7 @@ document.addEventListener('mouseover', e => {
   const d = t.dataset;
   const cand = t.classList.contains('c') ? '  candidate' : '';
   tip.textContent = `t=${d.i}  ${JSON.stringify(t.textContent)}${cand}\nH ${show(d.h)}   Ω ${show(d.o)}\n` +
-    `Z(H) ${show(d.zh)}   Z(Ω) ${show(d.zo)}\nBS ${show(d.bs)}   A ${show(d.a)}`;
+    `Z(H) ${show(d.zh)}   Z(Ω) ${show(d.zo)}\nBS ${show(d.bs)}${d.tier === '1' ? ' (first tier)' : ''}   A ${show(d.a)}`;
   const r = t.getBoundingClientRect();
   tip.hidden = false;
   tip.style.left = Math.min(r.left, window.innerWidth - tip.offsetWidth - 8) + 'px';

@@ -370,9 +370,13 @@ def test_math_branching_score_hand_values():
     entropy = torch.tensor([[1.0, 2.0, 3.0, 9.0], [1.0, 2.0, 3.0, 0.0]])
     omega = torch.tensor([[1.0, 1.1, 1.2, 1.0], [1.0, 1.0, 1.0, 1.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
-    bs = branching_score(entropy, omega, mask)
+    bs, rank, degenerate = branching_score(entropy, omega, mask)
     close(bs[0], [z * z, 0.0, z * z, 0.0], atol=1e-3)  # 1.5, 0, 1.5; off-mask 0
     assert (bs[1] == 0).all()  # Omega constant (std ~ 0) -> BS exactly 0
+    # the order: t = 2 (Z(H) > 0 and Z(Omega) > 0) is in the tier; row 1 is degenerate: ranked by Z(H)
+    close(rank[0, :3], [z * z, 0.0, 1e6 + z * z], atol=1e-3)
+    close(rank[1], [-0.4472, 0.4472, 1.3416, -1.3416], atol=1e-3)     # Z(H) of [1, 2, 3, 0]: mean 1.5, std 1.118
+    assert degenerate.tolist() == [False, True]
 
 
 # ---- Eq. 6 dual-group and prefix advantages --------------------------------------------------
