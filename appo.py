@@ -50,7 +50,7 @@ import tools
 
 # ---------------------------------------------------------------------------------------------
 # Settings: one dataclass, `python appo.py --key=value`. Defaults are the embedded CPU run;
-# each docstring gives the paper's value (APPO_SPEC.md section 5) where it differs.
+# each docstring gives the paper's value (and its reference code's) where it differs.
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Config:
@@ -105,7 +105,7 @@ class Config:
     tool_timeout: float = 5.0
     """Seconds a python call may run."""
 
-    # --- rollout tree (spec section 2) ---
+    # --- rollout tree (Eqs. 3-5) ---
     algo: str = "appo"
     """appo | grpo (M independent rollouts, one group, b=0) | arpo (branch after tool results by
     entropy, all rollouts trained with plain group advantages, b=0)."""
@@ -116,9 +116,8 @@ class Config:
     group_size: int = 16
     """M: rollouts per prompt in all. Paper: 16. One round gives (B+1)*N."""
     keep_branch_token: bool = True
-    """True: a branch at t keeps the chosen token y_t and re-samples from y_{t+1} (spec section 2
-    step 4, revised; the reference code), so the uncertain fork token gets the branches' credit
-    (Eq. 6). False: re-sample y_t itself (the earlier rule, kept as an ablation)."""
+    """True: a branch at t keeps the chosen token y_t and re-samples from y_{t+1} (a README Decision;
+    the reference code does it too), so the uncertain fork token gets the branches' credit (Eq. 6). False: re-sample y_t itself (the earlier rule, kept as an ablation)."""
     branch_score: str = "bs"
     """bs (Eq. 5) | entropy | random: how branch points are ranked (Table 4 ablation)."""
     omega_anchor: str = "prev"
@@ -129,9 +128,8 @@ class Config:
     half_life: float = 32.0
     """h in gamma = 2^(-1/h) for Eqs. 4 and 7. Paper: 32 (code: 64)."""
     temperature: float = 0.7
-    """Sampling temperature tau (also used in Eq. 3 and the loss). Paper code: 1.0. The toy uses 0.7,
-    chosen on its validation split: after RL 62.3% at 0.7 vs 47.0% at 1.0 (the tiny model's sampled
-    copies of names and digits fail more often at 1.0)."""
+    """Sampling temperature tau (also used in Eq. 3 and the loss). Paper code: 1.0. The toy: 0.7, chosen
+    on its validation split (RESULTS.md)."""
     top_p: float = 1.0
     """Nucleus sampling for rollouts (1.0 = off, the unbiased on-policy choice)."""
     max_response_tokens: int = 192
@@ -142,9 +140,9 @@ class Config:
     """Response positions per chunk when log-probs are computed for training: one chunk's
     (micro_batch, chunk, vocab) float32 logits exist at a time, recomputed in the backward pass."""
 
-    # --- update (spec section 3) ---
+    # --- update (Eqs. 6-8) ---
     steps: int = 100
-    """RL steps. The toy: 100 (about 3 minutes here; validation accuracy was still rising at 60)."""
+    """RL steps (the toy: 100)."""
     prompts_per_step: int = 8
     """Prompts per RL step. Paper: 128 (code: 96)."""
     mini_batch_prompts: int = 4
@@ -160,10 +158,8 @@ class Config:
     ~3e-3 under bf16 autocast. Costs one no-grad forward pass over the trained rollouts per step, and
     one over each branching round's rollouts. False: the sampler's values (exact only in float32)."""
     lr: float = 2.5e-4
-    """AdamW learning rate. Paper code: 1e-6 for 7B; the 0.6M-parameter toy needs far more. Chosen on
-    the toy's validation split, the same for every algorithm: 1e-3 collapsed arithmetic (21.0% after
-    APPO, seed 0); 5e-4 was unstable on seed 1 (APPO 9.0%: approx-KL spikes, then every rollout
-    identical); 2.5e-4 has the best mean over APPO and GRPO on seeds 0-2 (README)."""
+    """AdamW learning rate. Paper code: 1e-6 for 7B; the 0.6M-parameter toy needs far more: 2.5e-4,
+    chosen on its validation split, the same for every algorithm (RESULTS.md)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -210,9 +206,9 @@ class Config:
     """How often a teacher trace first recovers from a slip (a python syntax error, an empty search),
     so the SFT data covers what RL rollouts meet."""
     toy_hidden: int = 128
-    """Hidden size of the toy model (0.61M parameters in all; 192 was slower and no better)."""
+    """Hidden size of the toy model (0.61M parameters in all)."""
     toy_layers: int = 3
-    """Layers of the toy model (4 measured no better after 1,500 SFT steps, on validation)."""
+    """Layers of the toy model."""
     toy_heads: int = 4
     """Attention heads of the toy model."""
     sft_data: str = ""
@@ -222,9 +218,8 @@ class Config:
     sft_epochs: float = 0.0
     """Passes over the SFT traces; > 0 overrides sft_steps."""
     sft_steps: int = 4000
-    """Cold-start SFT steps (paper: 3 epochs of 54K traces). The toy: 4,000 x 16 traces (~18 epochs,
-    ~8.4 minutes on 2 cores): on the validation split the right tool procedure then gives the right
-    answer 79-87 % of the time on seeds 0-2 (2,500 steps: 53-94 %; seed 1 could not copy digits)."""
+    """Cold-start SFT steps (paper: 3 epochs of 54K traces). The toy: 4,000 x 16 traces (~18 epochs),
+    chosen on its validation split so that the tool mechanics are reliable on every seed (RESULTS.md)."""
     sft_batch_size: int = 16
     """Traces per SFT step."""
     sft_lr: float = 3e-3
@@ -353,10 +348,10 @@ def _looks_like_hub_id(name):
 
 @dataclass(frozen=True)
 class Recipe:
-    """The algorithm as named switches, resolved once from --algo and the ablation settings (spec
-    section 4): every baseline and ablation is a combination of these; config.json records them."""
+    """The algorithm as named switches, resolved once from --algo and the ablation settings
+    (README "Settings"): every baseline and ablation is a combination of these; config.json records them."""
     initial_rollouts: int       # rollouts sampled per prompt before branching (N; GRPO: all M)
-    branching: bool             # build the rollout tree (spec section 2)
+    branching: bool             # build the rollout tree (Eqs. 3-5)
     candidates: str             # "all" sampled tokens (Eqs. 3-5) | "after_tool" (ARPO: first after a result)
     branch_rule: str            # bs (Eq. 5) | entropy | random: how candidates are ranked
     keep_branch_token: bool     # a branch keeps y_t and re-samples from y_{t+1} (else re-samples y_t)
@@ -378,7 +373,7 @@ def resolve(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# Reward (spec section 1): -1 for a bad format, else correctness in [0, 1]. eval.py imports it.
+# Reward (the paper's outcome reward): -1 for a bad format, else correctness in [0, 1]. eval.py imports it.
 # ---------------------------------------------------------------------------------------------
 _TAG = re.compile(r"<(/?)([A-Za-z_]\w*)>")
 _RESULT_SPAN = re.compile(r" <result>\n.*?\n</result>", re.DOTALL)   # what the loop appends after a call
@@ -412,7 +407,7 @@ def extract_answer(response: str) -> str | None:
 
 
 def format_error(response: str) -> str | None:
-    """Why a response's format is invalid (spec section 1), or None when it is valid:
+    """Why a response's format is invalid, or None when it is valid:
     "no_answer" (no <answer> block holding a closed \\boxed{}) or "unbalanced_tags" (outside the
     tool results, some <tag> is not closed, or closed without opening: e.g. a response cut off
     inside a call). Any tag counts, so a new tool needs no change here.
@@ -428,7 +423,7 @@ def format_error(response: str) -> str | None:
 
 
 def format_ok(response: str) -> bool:
-    """Spec section 1: an <answer> holding a \\boxed{}, and balanced tool tags (see format_error)."""
+    """A valid format: an <answer> holding a \\boxed{}, and balanced tool tags (see format_error)."""
     return format_error(response) is None
 
 
@@ -498,7 +493,7 @@ def math_equal(pred: str, gold: str) -> bool:
 
 
 def compute_reward(response: str, golds: list[str], kind: str) -> dict:
-    """Spec section 1 reward: -1 for an invalid format, else correctness in [0, 1].
+    """The paper's reward: -1 for an invalid format, else correctness in [0, 1].
 
     score is the correctness of the extracted answer whatever the format (eval reports it);
     kind "math": 1.0 if math_equal with any gold alias; kind "qa": max token-F1 over aliases.
@@ -528,7 +523,7 @@ def compute_reward(response: str, golds: list[str], kind: str) -> dict:
 # config or a global; every function can be copied out on its own (with its helpers).
 
 # Two numbers recur: exponents are clamped to [-20, 20] before exp() (exp(20) ~ 4.9e8, finite),
-# and a std below 1e-6 means "all equal" (spec: std < 1e-6 gives Z = 0).
+# and a std below 1e-6 means "all equal" (Z = 0 then; a README Decision).
 
 
 def entropy_from_logits(logits):
@@ -562,7 +557,7 @@ def future_values(logp, old_logp, mask, half_life=32.0, clip=(1.0, 1.2)):
     Omega_t = clip(exp(sum_{k>=t} gamma^(k-t) m_k (logp_k - old_logp_k)), clip[0], clip[1]),
     gamma = 2^(-1/half_life).
 
-    `old_logp` is the anchor policy's log-probs (spec section 2: prev / ref / sampler). Returned
+    `old_logp` is the anchor policy's log-probs (prev / ref / sampler: a README Decision). Returned
     detached: Omega only decides where to branch (and, as Afut, scales advantages in Eq. 7).
     Off-mask positions get a value too (the sum over later sampled tokens); callers use only
     m_t = 1 positions. Each log-ratio and the exponent are clamped to [-20, 20] so exp never
@@ -649,7 +644,7 @@ def prefix_advantages(adv, root, fork, is_branch, length):
     """Eq. 6 prefix averaging: the per-token base advantage Abase_t of each initial rollout.
 
     Token t of initial rollout n is shared with every branch b whose root is n and whose
-    fork[b] > t (a branch keeps y_<fork and re-samples y_fork onward, spec section 2 step 4):
+    fork[b] > t (a branch keeps y_<fork and re-samples y_fork onward, README Decisions):
       Abase_t = A_n                                        if no branch shares t,
       Abase_t = (A_n + mean_{b sharing t} A_b) / 2         otherwise.
     adv, root, fork, is_branch: 1-D over all R rollouts; root[i] = index of the initial
@@ -1186,10 +1181,10 @@ def stack_rows(rows, T=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# The rollout tree (spec section 2): N rollouts, branch at the top-B points, until M per prompt
+# The rollout tree: N rollouts, branch at the top-B points, until M per prompt
 # ---------------------------------------------------------------------------------------------
 def branch_from(parent, index, t, keep_token=True):
-    """A branch of `parent` (rollout `index`) at position t, spec section 2 step 4.
+    """A branch of `parent` (rollout `index`) at position t (README Decisions).
 
     keep_token (default, the revised rule): keep y_<=t and re-sample from y_{t+1}; the branches
     then estimate the value of having chosen y_t, and Eq. 6 gives y_t their credit. A tool
@@ -1208,7 +1203,7 @@ def branch_from(parent, index, t, keep_token=True):
 
 
 def candidate_mask(rollouts, content_ids, keep_token=True, after_tool_only=False):
-    """Where a branch may fork (spec section 2): sampled tokens (m_t = 1) that are not whitespace
+    """Where a branch may fork: sampled tokens (m_t = 1) that are not whitespace
     or punctuation, before the rollout's last sampled token (something must be left to re-sample),
     and in a branch only among its own new tokens. after_tool_only (ARPO): only the first
     sampled token after each tool result."""
@@ -1252,7 +1247,7 @@ def on_device(model, device):
 
 
 def branch_round(model, anchor, rollouts, frontier, count, cfg, recipe, content_ids, pad_id, stats):
-    """One round of spec section 2 on the newest rollouts (`frontier`): Eqs. 3-5 score their
+    """One round of branching on the newest rollouts (`frontier`): Eqs. 3-5 score their
     candidates (H_t and log pi come from the sampler), the top-B per rollout are picked, and where
     a prompt would overshoot M the globally best points are kept. -> the new branches (not sampled)."""
     rows = [rollouts[i] for i in frontier]
@@ -1345,7 +1340,7 @@ def sampling_of(cfg, greedy=False):
 
 
 # ---------------------------------------------------------------------------------------------
-# Credit and update (spec section 3)
+# Credit (Eq. 6) and the update (Eqs. 7-8)
 # ---------------------------------------------------------------------------------------------
 def rollout_advantages(rollouts, recipe):
     """Base advantage per token for the rollouts that are trained -> (trained rollouts, rows).

@@ -1,4 +1,4 @@
-"""Evaluate a model with APPO's agent loop and tools on the paper's 13 benchmarks (spec section 6).
+"""Evaluate a model with APPO's agent loop and tools on the paper's 13 benchmarks (its Table 1).
 
     python eval.py                     # the checkpoint of `python appo.py` on its held-out toy split
     python eval.py --model=Qwen/Qwen2.5-7B-Instruct --data_dir=data/benchmarks --benchmarks=all \
@@ -130,7 +130,7 @@ BENCHMARKS = [
 ]
 TOY = Benchmark("toy", "Toy", "toy", "by kind")  # each row carries its own kind (math or qa)
 CATEGORIES = ["math", "knowledge", "deep search"]
-# Paper Table 1, Qwen2.5-7B-Instruct (spec section 6); its average is over these 10 columns.
+# Paper Table 1, Qwen2.5-7B-Instruct; its average is over these 10 columns.
 PUBLISHED = {
     "GRPO": [23.3, 26.7, 78.0, 92.8, 87.8, 22.0, 59.0, 76.1, 30.6, 68.4, 56.5],
     "ARPO": [30.0, 30.0, 78.8, 92.2, 88.8, 26.0, 58.8, 76.1, 31.1, 71.5, 58.3],
