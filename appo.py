@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -968,6 +968,29 @@ def keep_rows(d, keep):
     d.attn, d.pos, d.logits = d.attn[idx], d.pos[idx], d.logits[idx]
 
 
+def squeeze_holes(d, factor=2):
+    """Drop hole columns once the cache is more than `factor` times as wide as its fullest row.
+
+    Results fed as they arrive cost every other row a hole per result token, so without this the
+    width would grow by the sum of all results instead of their max. Each row's columns move
+    right, in order; keys are stored already rotated (RoPE) and positions live in d.pos, so the
+    next logits are unchanged. Only plain DynamicLayer caches are squeezed (a sliding-window
+    layer keeps fewer columns than d.attn has; it is left as it is).
+    Example: attn [[1, 0, 1, 0, 0], [0, 0, 0, 0, 1]], factor 2 -> [[1, 1], [0, 1]].
+    """
+    from transformers.cache_utils import DynamicLayer
+    width, full = d.attn.shape[1], int(d.attn.sum(-1).max())
+    layers = [x for x in getattr(d.cache, "layers", []) if x.is_initialized]   # a scripted model may use one
+    plain = all(type(x) is DynamicLayer and x.keys.shape[-2] == width for x in layers)
+    if width <= factor * full or not layers or not plain:
+        return
+    order = d.attn.sort(dim=-1, stable=True).indices[:, width - full:]             # (b, full) holes first
+    for layer in layers:
+        idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
+    d.attn = d.attn.gather(1, order)
+
+
 def pick_tokens(logits, sampling):
     """One token per row from exactly softmax(z / tau) (top-p only when asked; argmax when greedy)
     -> (tokens, log pi(token) at tau, H of Eq. 3), each (b,)."""
@@ -996,17 +1019,17 @@ def start_call(pool, box, r, tokenizer, max_calls):
 def generate_rollouts(model, tokenizer, rollouts, sampling, box, cost=None):
     """The tool loop (spec section 1), batched, on one KV cache per batch: sample until a closing
     tool tag, </answer>, EOS or the budget; a rollout that stops at a tool tag waits (its call runs
-    in the background at once) while the others go on; when none is sampling, the results are fed
-    as masked tokens (m_t = 0) into the same cache and sampling resumes. Nothing is prefilled twice:
-    not the prompt of N rollouts, not a parent's prefix for its branches, not a rollout after a call.
+    in the background at once) while the others go on, and its result is fed as masked tokens
+    (m_t = 0) into the same cache as soon as it is ready. Nothing is prefilled twice: not the
+    prompt of N rollouts, not a parent's prefix for its branches, not a rollout after a call.
     `box` is the tools (tools.toolbox()). `cost` (a dict), if given, adds up the work done."""
-    texts, pad = token_texts(tokenizer), tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
     cost = {} if cost is None else cost
     todo = [r for r in rollouts if not r.done]
     with ThreadPoolExecutor(max_workers=8) as pool:
+        loop = ToolLoop(tokenizer, token_texts(tokenizer), sampling, box, pool)
         for s in range(0, len(todo), sampling.batch_size):
-            _generate_batch(model, tokenizer, todo[s:s + sampling.batch_size], sampling, box, pool, texts,
-                            pad, cost)
+            _generate_batch(model, loop, todo[s:s + sampling.batch_size], pad, cost)
     for r in rollouts:
         r.text = tokenizer.decode(r.tokens, skip_special_tokens=True)
     return rollouts
@@ -1041,51 +1064,142 @@ def add_result(r, call, tokenizer, budget):
     return ids
 
 
-def _generate_batch(model, tokenizer, rows, sampling, box, pool, texts, pad, cost):
+def _add_cost(cost, key, value):
+    """cost[key] += value, a missing key counting as 0 (the agent loop's cost ledger).
+    Example: c = {}; _add_cost(c, "tool_wait_s", 0.5); _add_cost(c, "tool_wait_s", 1.0)
+             -> c == {"tool_wait_s": 1.5}.
+    """
+    cost[key] = cost.get(key, 0) + value
+
+
+@dataclass
+class Turns:
+    """One batch of the tool loop: its rollouts, the ones still in the batch, those waiting for a tool."""
+    rows: list                                         # the rollouts of the batch
+    live: list                                         # batch row b (of the KV cache) holds rows[live[b]]
+    tails: list                                        # per rollout: the text of its last tokens (find_stop)
+    waiting: dict = field(default_factory=dict)        # rollout index -> future of its tool result
+
+
+@dataclass
+class ToolLoop:
+    """What every step of a batch reads: the tokenizer and its token texts, the settings, the tools."""
+    tokenizer: object
+    texts: list                                        # token_texts(tokenizer)
+    sampling: Sampling
+    box: dict                                          # tools.toolbox()
+    pool: ThreadPoolExecutor                           # runs the calls in the background
+    tool_stops: tuple = field(init=False)              # the closing tags of box's tools
+
+    def __post_init__(self):
+        self.tool_stops = tools.stop_strings(self.box)
+
+    def start_call(self, r):
+        return start_call(self.pool, self.box, r, self.tokenizer, self.sampling.max_tool_calls)
+
+
+def ends_with_tool_stop(r, texts, tool_stops):
+    """Whether rollout r's last token is one it sampled and completes a closing tool tag (a branch that
+    kept the whole tag waits for its call at once). The tag may end inside that token (`on>.`)."""
+    if not r.tokens or not r.mask[-1]:
+        return False
+    t = r.tokens[-1]
+    piece = texts[t] if t < len(texts) else ""
+    return find_stop(tail_text(r.tokens[:-1], texts), piece, tool_stops) is not None
+
+
+def _sample_phase(loop, turns, logits, new, finished):
+    """Phase 1 of a decoding step: one token for each live row that is not waiting for a tool. A row
+    that closes a tool tag starts its call in the background and waits from now on; EOS,
+    </answer> or the budget finish it (batch row added to `finished`). new[b] gets the token."""
+    rows = [b for b, j in enumerate(turns.live) if j not in turns.waiting]    # batch rows that sample
+    if not rows:
+        return
+    tok, logp, entropy = pick_tokens(logits if len(rows) == len(logits) else logits[rows], loop.sampling)
+    stops, s = loop.tool_stops + ("</answer>",), loop.sampling
+    for b, t, lp, h in zip(rows, tok.tolist(), logp.tolist(), entropy.tolist()):
+        j, r = turns.live[b], turns.rows[turns.live[b]]
+        end, turns.tails[j] = add_token(r, t, lp, h, turns.tails[j], loop.texts, stops,
+                                        loop.tokenizer.eos_token_id, s.max_response_tokens)
+        if end in loop.tool_stops:
+            turns.waiting[j] = loop.start_call(r)
+        if end is None or end in loop.tool_stops:
+            new[b].append(t)
+        else:                                          # eos, </answer> or the budget
+            r.done, r.truncated = True, end == "length"
+            finished.add(b)
+
+
+def _feed_results_phase(loop, turns, new, finished):
+    """Phase 2: every waiting row whose tool result is ready gets it as masked tokens (m_t = 0),
+    appended to new[b], so it is fed in the same forward pass as the other rows' sampled tokens
+    and the row samples again at the next step. A result cut by the budget finishes the row."""
+    for b, j in enumerate(turns.live):
+        future = turns.waiting.get(j)
+        if future is None or not future.done():
+            continue
+        del turns.waiting[j]
+        r = turns.rows[j]
+        ids = add_result(r, future.result(), loop.tokenizer, loop.sampling.max_response_tokens)
+        turns.tails[j] = tail_text(r.tokens, loop.texts)
+        if ids is None:
+            finished.add(b)
+        else:
+            new[b] += ids
+
+
+def _drop_finished(d, turns, new, finished):
+    """Phase 3: take the finished rows out of the batch and its KV cache -> the token lists of the
+    rows that stay (to be fed). Example: live [4, 7, 9], finished {1} -> live [4, 9]."""
+    keep = [b for b in range(len(turns.live)) if b not in finished]
+    if keep and len(keep) < len(turns.live):
+        keep_rows(d, keep)
+    turns.live = [turns.live[b] for b in keep]
+    return [new[b] for b in keep]
+
+
+def _wait_when_idle(turns, cost):
+    """When every live row waits for a tool and no result is ready, nothing can be computed: block
+    until the first result arrives. That time is the batch's tool_wait_s."""
+    futures = list(turns.waiting.values())
+    if len(futures) < len(turns.live) or any(f.done() for f in futures):
+        return
     t0 = time.time()
-    tool_stops = tools.stop_strings(box)
-    stops = tool_stops + ("</answer>",)
+    wait(futures, return_when=FIRST_COMPLETED)
+    _add_cost(cost, "tool_wait_s", time.time() - t0)
+
+
+def _generate_batch(model, loop, rows, pad, cost):
+    """The tool loop on one batch of rollouts (at most sampling.batch_size), on one KV cache.
+
+    Prefill (shared prefixes once), then one forward pass per step with, for each live row, the
+    token it sampled and/or the tool result that just became ready: results are fed as they
+    arrive, so a row whose call returned samples again while slower calls still run elsewhere.
+    Only when every live row waits is the step skipped, blocking on the first result. cost gets
+    prefill_tokens (computed), prefill_tokens_per_row (as if rows shared nothing), tool_wait_s
+    (blocked with nothing to compute) and generate_s (the whole batch).
+    Example: rows A (slow search) and B (instant python) both stop at a closing tag; B's result
+    is fed at the next step and B goes on sampling while A's search runs.
+    """
+    t0 = time.time()
     d, prefill = start_decoding(model, [r.prompt + r.tokens for r in rows], pad)
-    add = lambda k, v: cost.__setitem__(k, cost.get(k, 0) + v)
-    add("prefill_tokens", prefill)
-    add("prefill_tokens_per_row", sum(len(r.prompt) + len(r.tokens) for r in rows))      # if rows shared nothing
-    tails = [tail_text(r.tokens, texts) for r in rows]
-    waiting = {}                                           # batch row -> future of its tool result
-    for j, r in enumerate(rows):                           # a branch that kept a whole closing tag
-        if r.tokens and r.mask[-1] and tails[j].rstrip().endswith(tool_stops):
-            waiting[j] = start_call(pool, box, r, tokenizer, sampling.max_tool_calls)
-    live = list(range(len(rows)))                          # batch row b holds rows[live[b]]
-    while live:
-        new, keep = [], []
-        if len(waiting) < len(live):
-            tok, logp, entropy = pick_tokens(d.logits, sampling)
-            for b, (t, lp, h) in enumerate(zip(tok.tolist(), logp.tolist(), entropy.tolist())):
-                j, r = live[b], rows[live[b]]
-                if j in waiting:
-                    new.append([]), keep.append(b)
-                    continue
-                end, tails[j] = add_token(r, t, lp, h, tails[j], texts, stops, tokenizer.eos_token_id,
-                                          sampling.max_response_tokens)
-                if end in tool_stops:
-                    waiting[j] = start_call(pool, box, r, tokenizer, sampling.max_tool_calls)
-                if end is None or end in tool_stops:
-                    new.append([t]), keep.append(b)
-                else:                                      # eos, </answer> or the budget: finished
-                    r.done, r.truncated = True, end == "length"
-        else:                                              # every live row waits: feed the results
-            t1 = time.time()
-            for b, j in enumerate(live):
-                ids = add_result(rows[j], waiting.pop(j).result(), tokenizer, sampling.max_response_tokens)
-                tails[j] = tail_text(rows[j].tokens, texts)
-                if ids is not None:
-                    new.append(ids), keep.append(b)
-            add("tool_wait_s", time.time() - t1)
-        if keep and len(keep) < len(live):
-            keep_rows(d, keep)
-        live = [live[b] for b in keep]
-        if live:
+    _add_cost(cost, "prefill_tokens", prefill)
+    _add_cost(cost, "prefill_tokens_per_row", sum(len(r.prompt) + len(r.tokens) for r in rows))
+    tails = [tail_text(r.tokens, loop.texts) for r in rows]
+    turns = Turns(rows=rows, live=list(range(len(rows))), tails=tails)
+    for j, r in enumerate(rows):
+        if ends_with_tool_stop(r, loop.texts, loop.tool_stops):
+            turns.waiting[j] = loop.start_call(r)
+    while turns.live:
+        _wait_when_idle(turns, cost)
+        new, finished = [[] for _ in turns.live], set()
+        _sample_phase(loop, turns, d.logits, new, finished)
+        _feed_results_phase(loop, turns, new, finished)
+        new = _drop_finished(d, turns, new, finished)
+        if any(new):                                   # all empty: every row still waits
             feed(model, d, new, pad)
-    add("generate_s", time.time() - t0)
+            squeeze_holes(d)
+    _add_cost(cost, "generate_s", time.time() - t0)
 
 
 def run_agent(model, tokenizer, prompts, sampling, box, cost=None):

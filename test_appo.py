@@ -846,6 +846,68 @@ def test_core_find_stop_across_a_fork_and_any_split():
     assert appo.find_stop("<answer>\\boxed{1}</answ", "er>") == "</answer>"
 
 
+def scripted_chars(texts, scripts, **tokens):
+    """A char tokenizer and a Scripted model (see the real-model section) that writes each script:
+    [(prompt text, response text)] -> (model, tokenizer, [(prompt ids, response ids)])."""
+    from transformers import LlamaConfig
+    tok = char_tokenizer(texts)
+    for piece in tokens.get("added", ()):
+        tok.add_tokens([piece])                                          # a merged token, as a real BPE has
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    pairs = [(ids(p), ids(r)) for p, r in scripts]
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1)
+    return Scripted(config, len(tok), pairs), tok, pairs
+
+
+def test_core_results_are_fed_as_they_arrive_while_a_slow_call_runs():
+    """Row 0 calls a slow tool, row 1 an instant one. Row 1's result must be fed and row 1 must
+    finish its answer while row 0's call still runs: the slow tool waits (up to 5 s) for row 1 to
+    be done and says whether it was. Feeding results only once every live row waits fails this:
+    row 1 then waits for the slow call, which times out, and row 0 reads the wrong result."""
+    rows = []
+    def slow(query, earlier):
+        stop = time.monotonic() + 5.0
+        while not rows[1].done and time.monotonic() < stop:
+            time.sleep(0.01)
+        return "row 1 was done" if rows[1].done else "row 1 still waited"
+    box = {"slow": slow, "fast": lambda query, earlier: "7"}
+    answer = " <answer>\\boxed{%s}</answer>"
+    scripts = [("Q: slow\n", "<slow>q</slow>" + format_result("row 1 was done") + answer % 1),
+               ("Q: fast\n", "<fast>q</fast>" + format_result("7") + answer % 7)]
+    model, tok, pairs = scripted_chars([s for pair in scripts for s in pair], scripts)
+    rows += [appo.Rollout(example=i, prompt=p) for i, (p, _) in enumerate(pairs)]
+    cost = {}
+    appo.generate_rollouts(model, tok, rows, appo.Sampling(greedy=True, max_response_tokens=96), box, cost)
+    for r, (_, response) in zip(rows, scripts):
+        assert r.text == response and r.done and not r.truncated, r.text
+    assert [r.calls[0][:2] for r in rows] == [("slow", "q"), ("fast", "q")]
+    assert cost["tool_wait_s"] > 0 and cost["generate_s"] >= cost["tool_wait_s"]   # row 0 alone: blocked
+
+
+def test_core_squeezing_holes_out_of_the_cache_keeps_the_next_logits():
+    """Results fed at different steps leave holes in the other rows; once they dominate the cache
+    squeeze_holes drops them, and the next logits are those of the unsqueezed cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(config).eval()
+    result = list(range(10, 30))                                         # a 20-token tool result
+    with torch.no_grad():
+        d, _ = appo.start_decoding(model, [[1, 2, 3, 4, 5], [1, 2, 3], [7, 8]], pad_id=0)
+        for row in range(3):                                             # each row's result at its own step
+            appo.feed(model, d, [result if b == row else [5] for b in range(3)], 0)
+        twin = appo.copy.deepcopy(d)
+        appo.squeeze_holes(twin)
+        assert d.attn.shape[1] == 65 and twin.attn.shape[1] == int(d.attn.sum(-1).max()) == 27
+        assert torch.equal(twin.attn.sum(-1), d.attn.sum(-1)) and torch.equal(twin.pos, d.pos)
+        for step in ([[3], [4], [6]], [[8, 9], [], [2]], [[1], [1], [1]]):
+            appo.feed(model, d, step, 0)
+            appo.feed(model, twin, step, 0)
+            assert torch.allclose(d.logits, twin.logits, atol=1e-5), (d.logits - twin.logits).abs().max()
+
+
 @pytest.mark.parametrize("cut", ["<python>print(6", "<python>print(6*7)</pyth", "<python>print(6*7)</python"])
 def test_core_branch_forked_inside_a_call_or_its_closing_tag_runs_the_call(memorized, cut):
     """A branch that keeps y_t inside the payload or inside `</python>` must still stop at the
