@@ -538,18 +538,39 @@ def entropy_from_logits(logits):
     return -(logp.exp() * logp).sum(dim=-1)  # (B, T); p * log p -> 0 as p -> 0, no NaN
 
 
-def discounted_reverse_cumsum(x, gamma):
+def discount_matrix(n, gamma, dtype=torch.float64, device=None):
+    """M[k, t] = gamma^(k - t) for k >= t, else 0, so (x @ M)_t = sum_{k>=t} gamma^(k-t) x_k.
+    Example: n = 3, gamma = 0.5 -> [[1, 0, 0], [.5, 1, 0], [.25, .5, 1]]."""
+    i = torch.arange(n, device=device)
+    lag = i[:, None] - i[None, :]                                       # (n, n) k - t
+    powers = torch.tensor(gamma, dtype=dtype, device=device) ** lag.clamp(min=0).to(dtype)
+    return torch.where(lag >= 0, powers, torch.zeros((), dtype=dtype, device=device))
+
+
+def discounted_reverse_cumsum(x, gamma, chunk=128):
     """Helper for Eqs. 4 and 7: y_t = sum_{k>=t} gamma^(k-t) x_k along the last dim.
 
-    Computed backwards with y_t = x_t + gamma * y_{t+1}; differentiable, any leading shape.
+    No loop over T: the last dim is cut into chunks of `chunk`; one matrix product sums within
+    each chunk, a second carries each chunk's start value back over the chunks before it
+    (gamma^chunk per chunk), and y_t = (its chunk's sum) + gamma^(chunk end - t) * (the next
+    chunk's start). Computed in float64 (float32 on MPS, which has no float64), so the result
+    is the float64 sum rounded to x's dtype; powers that underflow (gamma^4096 = 2^-128 at the
+    default half-life, a term too small to matter) are 0 or subnormal, never inf or NaN.
+    Differentiable, any leading shape, 0 <= gamma <= 1.
     Example: x = [1, 2, 3], gamma = 0.5 -> [2.75, 3.5, 3.0].
     """
-    running = torch.zeros_like(x[..., 0])  # (...,) y_{T} = 0
-    out = []
-    for t in reversed(range(x.shape[-1])):
-        running = x[..., t] + gamma * running
-        out.append(running)
-    return torch.stack(out[::-1], dim=-1)  # (..., T)
+    T = x.shape[-1]
+    dtype = torch.float32 if x.device.type == "mps" else torch.float64
+    c = max(1, min(chunk, T))
+    n = -(-T // c)                                                      # chunks
+    xs = F.pad(x.to(dtype), (0, n * c - T)).unflatten(-1, (n, c))       # (..., n, c) zeros after T add 0
+    inside = xs @ discount_matrix(c, gamma, dtype, x.device)            # (..., n, c) sums within a chunk
+    starts = inside[..., 0] @ discount_matrix(n, gamma ** c, dtype, x.device)   # (..., n) y at chunk starts
+    later = F.pad(starts[..., 1:], (0, 1))                              # (..., n) y at the next chunk's start
+    g = torch.tensor(gamma, dtype=dtype, device=x.device)
+    to_end = g ** torch.arange(c, 0, -1, dtype=dtype, device=x.device)  # (c,) gamma^(c - t)
+    y = inside + later[..., None] * to_end                              # (..., n, c)
+    return y.flatten(-2)[..., :T].to(x.dtype)
 
 
 def future_values(logp, old_logp, mask, half_life=32.0, clip=(1.0, 1.2)):

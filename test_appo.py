@@ -908,6 +908,53 @@ def test_core_squeezing_holes_out_of_the_cache_keeps_the_next_logits():
             assert torch.allclose(d.logits, twin.logits, atol=1e-5), (d.logits - twin.logits).abs().max()
 
 
+def loop_reverse_cumsum(x, gamma):
+    """The reference: y_t = x_t + gamma * y_{t+1}, one step per position."""
+    running, out = torch.zeros_like(x[..., 0]), []
+    for t in reversed(range(x.shape[-1])):
+        running = x[..., t] + gamma * running
+        out.append(running)
+    return torch.stack(out[::-1], dim=-1)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 0.9, 2 ** (-1 / 32), 1.0])
+def test_math_discounted_reverse_cumsum_equals_the_loop_with_its_gradient(gamma):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 300, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 300, generator=g, dtype=torch.float64)
+    got, want = discounted_reverse_cumsum(x, gamma), loop_reverse_cumsum(x, gamma)
+    assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    g_got, = torch.autograd.grad((got * w).sum(), x)
+    g_want, = torch.autograd.grad((want * w).sum(), x)
+    assert torch.allclose(g_got, g_want, rtol=1e-12, atol=1e-12)
+
+
+def test_math_discounted_reverse_cumsum_t4096_within_float32_rounding():
+    """T = 4096 at the default half-life (gamma^4096 = 2^-128 underflows in float32). The float32
+    result is a float64 sum rounded once, so it is within eps32 / 2 * |y| of the float64 loop;
+    |y| <= sum_k gamma^(k-t) |x_k|, so allow eps32 times that discounted sum of |x|."""
+    gamma = 2 ** (-1 / 32)
+    x = torch.randn(8, 4096, generator=torch.Generator().manual_seed(1))
+    want = loop_reverse_cumsum(x.double(), gamma)
+    scale = loop_reverse_cumsum(x.double().abs(), gamma)
+    got = discounted_reverse_cumsum(x, gamma)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    err, bound = (got.double() - want).abs(), torch.finfo(torch.float32).eps * scale
+    assert (err <= bound).all(), float((err / bound).max())     # the old float32 loop: 1.9x the bound
+    assert graph_size(discounted_reverse_cumsum(x.requires_grad_(), gamma)) < 50   # no step per position
+
+
+def graph_size(y):
+    """How many autograd nodes produced y (a loop over T makes several per position)."""
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    return len(seen)
+
+
 @pytest.mark.parametrize("cut", ["<python>print(6", "<python>print(6*7)</pyth", "<python>print(6*7)</python"])
 def test_core_branch_forked_inside_a_call_or_its_closing_tag_runs_the_call(memorized, cut):
     """A branch that keeps y_t inside the payload or inside `</python>` must still stop at the
