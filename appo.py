@@ -1027,13 +1027,15 @@ def pick_tokens(logits, sampling):
 def start_call(pool, box, r, tokenizer, max_calls):
     """Start the call a paused rollout asks for, in the background -> future of (name, payload,
     result). It is parsed from the whole response (a branch may have forked inside the call) and
-    run with the rollout's earlier calls (the python tool's state); past max_calls nothing runs."""
+    run with the rollout's earlier calls (the python tool's state); past max_calls nothing runs.
+    The closing tag may end inside the last token (`on>.`), so that token's text may follow it."""
     if len(r.calls) >= max_calls:
         limit = Future()
         limit.set_result((None, None, f"Error: tool-call limit ({max_calls}) reached; give your answer"))
         return limit
     text = tokenizer.decode(r.tokens, skip_special_tokens=True)
-    return pool.submit(tools.run_call, box, text, [(name, payload) for name, payload, _ in r.calls])
+    after = len(text) - len(tokenizer.decode(r.tokens[:-1], skip_special_tokens=True))   # the last token's
+    return pool.submit(tools.run_call, box, text, [(name, payload) for name, payload, _ in r.calls], after)
 
 
 @torch.no_grad()

@@ -955,6 +955,35 @@ def graph_size(y):
     return len(seen)
 
 
+def test_tools_closing_tag_ending_inside_the_last_token():
+    """A BPE token like `on>.` ends `</python>` and goes on: with `after` = that token's length the
+    call is the last complete block; text past the token (after too small) is still no call."""
+    text = "x <python>print(1)</pyth" + "on>."
+    assert parse_tool_call(text) is None                                 # strict by default
+    assert parse_tool_call(text, after=4) == ("python", "print(1)")
+    assert parse_tool_call(text + "\n", after=5) == ("python", "print(1)")
+    assert parse_tool_call("<search> q </search> and then more text", after=4) is None
+    box = {"python": lambda code, earlier: f"ran {code}"}
+    assert run_call(box, text, after=4) == ("python", "print(1)", "ran print(1)")
+
+
+def test_core_call_runs_when_its_closing_tag_ends_inside_a_token():
+    """The model writes `</pyth` then one token `on>.`: find_stop sees `</python>`, the call runs
+    (it used to be rejected: "does not end with a tool call") and so does a branch that kept
+    that token."""
+    box = {"python": lambda code, earlier: f"ran {code}"}
+    response = "<python>print(1)</python>." + format_result("ran print(1)") + " <answer>\\boxed{1}</answer>"
+    model, tok, [(prompt, ids)] = scripted_chars([response], [("Q: one\n", response)], added=["on>."])
+    k = ids.index(tok.convert_tokens_to_ids("on>.")) + 1                # the response up to that token
+    assert tok.decode(ids[:k]) == "<python>print(1)</python>."
+    (r,) = appo.run_agent(model, tok, [prompt], appo.Sampling(greedy=True, max_response_tokens=96), box)
+    assert r.text == response and r.calls == [("python", "print(1)", r.calls[0][2])], r.text
+    branch = appo.Rollout(example=0, prompt=prompt, tokens=ids[:k], mask=[1] * k, logp=[0.0] * k,
+                          entropy=[0.0] * k)                             # forked right after `on>.`
+    appo.generate_rollouts(model, tok, [branch], appo.Sampling(greedy=True, max_response_tokens=96), box)
+    assert branch.text == response and branch.calls[0][:2] == ("python", "print(1)")
+
+
 @pytest.mark.parametrize("cut", ["<python>print(6", "<python>print(6*7)</pyth", "<python>print(6*7)</python"])
 def test_core_branch_forked_inside_a_call_or_its_closing_tag_runs_the_call(memorized, cut):
     """A branch that keeps y_t inside the payload or inside `</python>` must still stop at the
