@@ -1069,11 +1069,19 @@ def add_token(r, t, logp, entropy, tail, texts, stops, eos_id, budget):
     return end, (tail + piece)[-32:]
 
 
+def result_ids(tokenizer, text):
+    """Token ids of a tool result, special-token strings in it read as plain text: a search hit
+    or a program that prints `<|im_end|>` must not become the control token (the model would see
+    its turn end, or padding, inside a result). The agent loop and SFT both tokenise results so.
+    Example (test_appo.char_tokenizer): " <|eos|>" -> the ids of its 8 characters, no EOS id."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def add_result(r, call, tokenizer, budget):
     """Append a finished call's result to rollout r as masked tokens (m_t = 0) and record the call
     -> the result's token ids to feed, or None when the budget ran out inside the result."""
     name, payload, result = call
-    ids = tokenizer(tools.format_result(result), add_special_tokens=False)["input_ids"]
+    ids = result_ids(tokenizer, tools.format_result(result))
     kept = ids[:budget - len(r.tokens)]
     r.tokens += kept
     r.mask += [0] * len(kept)
@@ -1567,10 +1575,12 @@ def trace_segments(response):
 
 def sft_rollout(tokenizer, prompt, response):
     """One SFT example as a Rollout: the response's own text is m_t = 1 (trained), its tool results
-    m_t = 0, and EOS closes the turn. Each segment is tokenised alone, as the agent loop does."""
+    m_t = 0, and EOS closes the turn. Each segment is tokenised alone, as the agent loop does
+    (results with special-token strings as plain text, result_ids)."""
     r = Rollout(example=0, prompt=prompt)
     for text, is_result in trace_segments(response):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = (result_ids(tokenizer, text) if is_result
+               else tokenizer(text, add_special_tokens=False)["input_ids"])
         r.tokens += ids
         r.mask += [0 if is_result else 1] * len(ids)
     r.tokens.append(tokenizer.eos_token_id)

@@ -984,6 +984,19 @@ def test_core_call_runs_when_its_closing_tag_ends_inside_a_token():
     assert branch.text == response and branch.calls[0][:2] == ("python", "print(1)")
 
 
+def test_core_special_token_strings_in_tool_results_are_plain_text():
+    """A result that quotes the EOS or pad string is tokenised as text, in the agent loop and in
+    SFT alike (it used to become the control token: a turn end inside a result)."""
+    tok = char_tokenizer(["x"])
+    result = "see <|eos|> and <|pad|>"
+    ids = appo.add_result(appo.Rollout(example=0, prompt=[3]), ("search", "q", result), tok, 96)
+    assert not set(ids) & set(tok.all_special_ids) and tok.decode(ids) == format_result(result)
+    trace = "<search>q</search>" + format_result(result) + " <answer>\\boxed{1}</answer>"
+    sft = appo.sft_rollout(tok, [3], trace)
+    assert [t for t, m in zip(sft.tokens, sft.mask) if not m] == ids   # the same tokens as the loop's
+    assert sft.tokens.count(tok.eos_token_id) == 1 and sft.tokens[-1] == tok.eos_token_id
+
+
 @pytest.mark.parametrize("cut", ["<python>print(6", "<python>print(6*7)</pyth", "<python>print(6*7)</python"])
 def test_core_branch_forked_inside_a_call_or_its_closing_tag_runs_the_call(memorized, cut):
     """A branch that keeps y_t inside the payload or inside `</python>` must still stop at the
