@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -847,13 +847,19 @@ class Rollout:
 
 @dataclass
 class Sampling:
-    """The agent loop's own settings (eval.py builds one without a training Config)."""
+    """The agent loop's own settings (eval.py builds one without a training Config).
+
+    results_as_ready: a row whose call returned samples on at once instead of waiting until every
+    live row waits, so one slow call no longer idles the rows whose calls were quick. The steps at
+    which results enter then depend on how long the tools take, so sampled runs are no longer bit
+    for bit repeatable (greedy tokens are the same); off (default), the run is deterministic."""
     temperature: float = 1.0            # tau: samples come from exactly softmax(z / tau)
     top_p: float = 1.0                  # nucleus sampling; 1.0 = off (on-policy)
     greedy: bool = False                # argmax instead of sampling (evaluation)
     max_response_tokens: int = 192      # response budget, tool results included
     max_tool_calls: int = 3             # further calls are answered with a limit message
     batch_size: int = 128               # rows sampled together
+    results_as_ready: bool = False      # feed each result once ready, not when every row waits (see above)
 
 
 def build_prompt(tokenizer, question, kind="qa", system_prompt=None, messages=None):
@@ -1043,7 +1049,8 @@ def generate_rollouts(model, tokenizer, rollouts, sampling, box, cost=None):
     """The tool loop (spec section 1), batched, on one KV cache per batch: sample until a closing
     tool tag, </answer>, EOS or the budget; a rollout that stops at a tool tag waits (its call runs
     in the background at once) while the others go on, and its result is fed as masked tokens
-    (m_t = 0) into the same cache as soon as it is ready. Nothing is prefilled twice: not the
+    (m_t = 0) into the same cache when every live row waits, or as soon as it is ready with
+    sampling.results_as_ready (see Sampling). Nothing is prefilled twice: not the
     prompt of N rollouts, not a parent's prefix for its branches, not a rollout after a call.
     `box` is the tools (tools.toolbox()). `cost` (a dict), if given, adds up the work done."""
     pad = tokenizer.pad_token_id
@@ -1143,13 +1150,15 @@ def _sample_phase(loop, turns, logits, new, finished):
     """Phase 1 of a decoding step: one token for each live row that is not waiting for a tool. A row
     that closes a tool tag starts its call in the background and waits from now on; EOS,
     </answer> or the budget finish it (batch row added to `finished`). new[b] gets the token."""
-    rows = [b for b, j in enumerate(turns.live) if j not in turns.waiting]    # batch rows that sample
-    if not rows:
+    if len(turns.waiting) == len(turns.live):
         return
-    tok, logp, entropy = pick_tokens(logits if len(rows) == len(logits) else logits[rows], loop.sampling)
+    # every row draws, waiting ones too, as the loop always did: the same random stream as before
+    tok, logp, entropy = pick_tokens(logits, loop.sampling)
     stops, s = loop.tool_stops + ("</answer>",), loop.sampling
-    for b, t, lp, h in zip(rows, tok.tolist(), logp.tolist(), entropy.tolist()):
+    for b, (t, lp, h) in enumerate(zip(tok.tolist(), logp.tolist(), entropy.tolist())):
         j, r = turns.live[b], turns.rows[turns.live[b]]
+        if j in turns.waiting:
+            continue
         end, turns.tails[j] = add_token(r, t, lp, h, turns.tails[j], loop.texts, stops,
                                         loop.tokenizer.eos_token_id, s.max_response_tokens)
         if end in loop.tool_stops:
@@ -1164,7 +1173,8 @@ def _sample_phase(loop, turns, logits, new, finished):
 def _feed_results_phase(loop, turns, new, finished):
     """Phase 2: every waiting row whose tool result is ready gets it as masked tokens (m_t = 0),
     appended to new[b], so it is fed in the same forward pass as the other rows' sampled tokens
-    and the row samples again at the next step. A result cut by the budget finishes the row."""
+    and the row samples again at the next step. A result cut by the budget finishes the row.
+    Runs every step with results_as_ready, else only at steps where every live row waited."""
     for b, j in enumerate(turns.live):
         future = turns.waiting.get(j)
         if future is None or not future.done():
@@ -1189,28 +1199,32 @@ def _drop_finished(d, turns, new, finished):
     return [new[b] for b in keep]
 
 
-def _wait_when_idle(turns, cost):
-    """When every live row waits for a tool and no result is ready, nothing can be computed: block
-    until the first result arrives. That time is the batch's tool_wait_s."""
+def _wait_when_idle(turns, cost, as_ready):
+    """When every live row waits for a tool nothing can be sampled: block until the first result
+    is ready (as_ready) or all are (else, the deterministic schedule). That time is the batch's
+    tool_wait_s. -> whether every live row was waiting."""
     futures = list(turns.waiting.values())
-    if len(futures) < len(turns.live) or any(f.done() for f in futures):
-        return
+    if len(futures) < len(turns.live):
+        return False
     t0 = time.time()
-    wait(futures, return_when=FIRST_COMPLETED)
+    if not (as_ready and any(f.done() for f in futures)):
+        wait(futures, return_when=FIRST_COMPLETED if as_ready else ALL_COMPLETED)
     _add_cost(cost, "tool_wait_s", time.time() - t0)
+    return True
 
 
 def _generate_batch(model, loop, rows, pad, cost):
     """The tool loop on one batch of rollouts (at most sampling.batch_size), on one KV cache.
 
     Prefill (shared prefixes once), then one forward pass per step with, for each live row, the
-    token it sampled and/or the tool result that just became ready: results are fed as they
-    arrive, so a row whose call returned samples again while slower calls still run elsewhere.
-    Only when every live row waits is the step skipped, blocking on the first result. cost gets
+    token it sampled and/or its tool result. With sampling.results_as_ready a result is fed as
+    soon as it is ready, so a row whose call returned samples again while slower calls still run
+    elsewhere, and only when every live row waits does the loop block, on the first result;
+    without, results are fed when every live row waits, after blocking on all of them. cost gets
     prefill_tokens (computed), prefill_tokens_per_row (as if rows shared nothing), tool_wait_s
-    (blocked with nothing to compute) and generate_s (the whole batch).
-    Example: rows A (slow search) and B (instant python) both stop at a closing tag; B's result
-    is fed at the next step and B goes on sampling while A's search runs.
+    (blocked with nothing to sample) and generate_s (the whole batch).
+    Example (results_as_ready): rows A (slow search) and B (instant python) both stop at a closing
+    tag; B's result is fed at the next step and B goes on sampling while A's search runs.
     """
     t0 = time.time()
     d, prefill = start_decoding(model, [r.prompt + r.tokens for r in rows], pad)
@@ -1221,15 +1235,18 @@ def _generate_batch(model, loop, rows, pad, cost):
     for j, r in enumerate(rows):
         if ends_with_tool_stop(r, loop.texts, loop.tool_stops):
             turns.waiting[j] = loop.start_call(r)
+    as_ready = loop.sampling.results_as_ready
     while turns.live:
-        _wait_when_idle(turns, cost)
+        idle = _wait_when_idle(turns, cost, as_ready)
         new, finished = [[] for _ in turns.live], set()
         _sample_phase(loop, turns, d.logits, new, finished)
-        _feed_results_phase(loop, turns, new, finished)
+        if as_ready or idle:
+            _feed_results_phase(loop, turns, new, finished)
         new = _drop_finished(d, turns, new, finished)
-        if any(new):                                   # all empty: every row still waits
+        if turns.live:
             feed(model, d, new, pad)
-            squeeze_holes(d)
+            if as_ready:                               # results enter one by one: holes pile up
+                squeeze_holes(d)
     _add_cost(cost, "generate_s", time.time() - t0)
 
 

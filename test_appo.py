@@ -861,10 +861,11 @@ def scripted_chars(texts, scripts, **tokens):
 
 
 def test_core_results_are_fed_as_they_arrive_while_a_slow_call_runs():
-    """Row 0 calls a slow tool, row 1 an instant one. Row 1's result must be fed and row 1 must
-    finish its answer while row 0's call still runs: the slow tool waits (up to 5 s) for row 1 to
-    be done and says whether it was. Feeding results only once every live row waits fails this:
-    row 1 then waits for the slow call, which times out, and row 0 reads the wrong result."""
+    """results_as_ready: row 0 calls a slow tool, row 1 an instant one. Row 1's result must be fed
+    and row 1 must finish its answer while row 0's call still runs: the slow tool waits (up to 5 s)
+    for row 1 to be done and says whether it was. Feeding results only once every live row waits
+    (the default schedule) fails this: row 1 then waits for the slow call, which times out, and
+    row 0 reads the wrong result."""
     rows = []
     def slow(query, earlier):
         stop = time.monotonic() + 5.0
@@ -878,7 +879,8 @@ def test_core_results_are_fed_as_they_arrive_while_a_slow_call_runs():
     model, tok, pairs = scripted_chars([s for pair in scripts for s in pair], scripts)
     rows += [appo.Rollout(example=i, prompt=p) for i, (p, _) in enumerate(pairs)]
     cost = {}
-    appo.generate_rollouts(model, tok, rows, appo.Sampling(greedy=True, max_response_tokens=96), box, cost)
+    sampling = appo.Sampling(greedy=True, max_response_tokens=96, results_as_ready=True)
+    appo.generate_rollouts(model, tok, rows, sampling, box, cost)
     for r, (_, response) in zip(rows, scripts):
         assert r.text == response and r.done and not r.truncated, r.text
     assert [r.calls[0][:2] for r in rows] == [("slow", "q"), ("fast", "q")]
