@@ -854,7 +854,7 @@ class Sampling:
     which results enter then depend on how long the tools take, so sampled runs are no longer bit
     for bit repeatable (greedy tokens are the same); off (default), the run is deterministic."""
     temperature: float = 1.0            # tau: samples come from exactly softmax(z / tau)
-    top_p: float = 1.0                  # nucleus sampling; 1.0 = off (on-policy)
+    top_p: float = 1.0                  # nucleus; 1.0 = off. Below 1 pi is the filtered softmax (score so)
     greedy: bool = False                # argmax instead of sampling (evaluation)
     max_response_tokens: int = 192      # response budget, tool results included
     max_tool_calls: int = 3             # further calls are answered with a limit message
@@ -918,16 +918,38 @@ def tail_text(tokens, texts, n=32):
     return "".join(texts[t] if t < len(texts) else "" for t in tokens[-n:])
 
 
-def top_p_filter(probs, top_p):
-    """Zero each row's tail outside the smallest set of tokens with probability mass >= top_p.
+OUTSIDE_NUCLEUS = -1e4   # log pi of a token top-p cannot sample; finite on purpose (policy_log_softmax)
 
-    Example: probs [[0.5, 0.3, 0.2]], top_p 0.7 -> [[0.5, 0.3, 0]] (multinomial renormalises).
+
+def nucleus_mask(logp, top_p):
+    """True on each row's nucleus: the smallest set of most probable tokens whose mass reaches top_p.
+    Example: logp = log [[0.5, 0.3, 0.2]], top_p 0.7 -> [[True, True, False]]."""
+    sorted_logp, order = logp.sort(dim=-1, descending=True, stable=True)
+    p = sorted_logp.exp()
+    inside = p.cumsum(-1) - p < top_p                                  # the mass before it is still short
+    return torch.zeros_like(inside).scatter(-1, order, inside)
+
+
+def policy_log_softmax(scaled, top_p=1.0):
+    """log pi(. | s_t) of the sampling policy from z / tau (the caller divides): softmax, and for
+    top_p < 1 restricted to the nucleus and renormalised. The sampler and the trainer both use it,
+    so pi_old and pi_theta are the same distribution; the nucleus is recomputed from the current
+    logits (for the sampler's weights it is the sampler's set, so the first ratio is 1) and the
+    gradient flows through the renormalisation, not through the choice of the set.
+
+    Outside the nucleus: OUTSIDE_NUCLEUS, not -inf. Tool-result tokens (m_t = 0) are often
+    outside, for the policy and the reference alike, and -inf - (-inf) is NaN, which masking by
+    multiplication does not remove; -1e4 keeps every difference finite. A sampled token that
+    leaves the nucleus as the policy moves gets Delta clamped to -20 in the loss: ratio ~ 0, no
+    gradient, as for any token the filtered policy cannot produce. top_p = 1: plain log_softmax.
+    Example: z / tau = log [0.5, 0.3, 0.2], top_p 0.7 -> [log 0.625, log 0.375, -1e4].
     """
+    logp = scaled.log_softmax(-1)
     if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(-1, descending=True)           # (b, V)
-    sorted_p[sorted_p.cumsum(-1) - sorted_p >= top_p] = 0.0      # mass before it already reaches top_p
-    return torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return logp
+    inside = nucleus_mask(logp.detach(), top_p)
+    kept = scaled.masked_fill(~inside, float("-inf")).log_softmax(-1)          # renormalised over the nucleus
+    return kept.masked_fill(~inside, OUTSIDE_NUCLEUS)
 
 
 @dataclass
@@ -1019,14 +1041,14 @@ def squeeze_holes(d, factor=2):
 
 
 def pick_tokens(logits, sampling):
-    """One token per row from exactly softmax(z / tau) (top-p only when asked; argmax when greedy)
-    -> (tokens, log pi(token) at tau, H of Eq. 3), each (b,)."""
-    logp_all = (logits / sampling.temperature).log_softmax(-1)                        # (b, V)
+    """One token per row from exactly the policy, softmax(z / tau) (top-p filtered and renormalised
+    when top_p < 1; argmax when greedy) -> (tokens, log pi(token), H of Eq. 3 of that policy), each (b,)."""
+    logp_all = policy_log_softmax(logits / sampling.temperature, sampling.top_p)       # (b, V)
     if sampling.greedy:
         tok = logits.argmax(-1)
     else:
-        tok = torch.multinomial(top_p_filter(logp_all.exp(), sampling.top_p), 1)[:, 0]
-    entropy = -(logp_all.exp() * logp_all).sum(-1)                                     # Eq. 3
+        tok = torch.multinomial(logp_all.exp(), 1)[:, 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)                                     # Eq. 3; exp(-1e4) = 0
     return tok, logp_all.gather(-1, tok[:, None])[:, 0], entropy
 
 
@@ -1273,9 +1295,19 @@ def pad_batch(rollouts, pad_id, device):
     return as_tensor(ids, torch.long), as_tensor(attn, torch.long), as_tensor(mask, torch.float), P
 
 
-def _chunk_logp(hidden, targets, head, temperature, with_entropy):
-    """log softmax(head(hidden) / tau)[targets] (and H) for one chunk: (b, c, d) -> (b, c)."""
+def _nucleus_logp(scaled, targets, with_entropy, top_p):
+    """log pi(targets) (and H) under the top-p policy, as the sampler computes them: (b, c, V) -> (b, c)."""
+    logp_all = policy_log_softmax(scaled, top_p)                               # (b, c, V)
+    logp = logp_all.gather(-1, targets[..., None])[..., 0]
+    return logp, -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+
+
+def _chunk_logp(hidden, targets, head, temperature, with_entropy, top_p=1.0):
+    """log pi(targets) (and H) for one chunk, pi = softmax(head(hidden) / tau), top-p filtered when
+    top_p < 1 (policy_log_softmax, as the sampler): (b, c, d) -> (b, c)."""
     logits = head(hidden).float() / temperature                                # (b, c, V)
+    if top_p < 1.0:
+        return _nucleus_logp(logits, targets, with_entropy, top_p)
     logz = logits.logsumexp(-1)                                                # (b, c)
     logp = logits.gather(-1, targets[..., None])[..., 0] - logz                # (b, c)
     if not with_entropy:
@@ -1284,9 +1316,10 @@ def _chunk_logp(hidden, targets, head, temperature, with_entropy):
     return logp, -(logp_all.exp() * logp_all).sum(-1)                          # H, as the sampler computes it
 
 
-def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_entropy=False):
+def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_entropy=False, top_p=1.0):
     """log pi(y_t | s_t) at temperature tau for every response token -> (logp, entropy, mask),
-    each (b, T); entropy (Eq. 3) only when asked, without gradient.
+    each (b, T); entropy (Eq. 3) only when asked, without gradient. top_p < 1: pi is the
+    nucleus-filtered policy the sampler drew from (policy_log_softmax); pass the sampler's top_p.
 
     Memory: the vocabulary-sized logits are built from the final hidden states `chunk` tokens
     (rows x positions) at a time, and with gradients on each chunk is recomputed in the
@@ -1302,6 +1335,9 @@ def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_ent
     if any(getattr(model.config, k, None) for k in post):
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
                        logits_to_keep=T + 1).logits[:, :-1].float() / temperature
+        if top_p < 1.0:
+            logp, entropy = _nucleus_logp(logits, ids[:, P:], with_entropy, top_p)
+            return logp, entropy.detach() if with_entropy else None, mask
         logp = logits.log_softmax(-1).gather(-1, ids[:, P:, None])[..., 0]
         return logp, entropy_from_logits(logits.detach()) if with_entropy else None, mask
     hidden = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos,
@@ -1309,7 +1345,7 @@ def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_ent
     head, targets, step = model.get_output_embeddings(), ids[:, P:], max(1, chunk // b)
     logps, ents = [], []
     for s in range(0, T, step):
-        args = (hidden[:, s:s + step], targets[:, s:s + step], head, temperature, with_entropy)
+        args = (hidden[:, s:s + step], targets[:, s:s + step], head, temperature, with_entropy, top_p)
         if torch.is_grad_enabled():
             lp, h = torch.utils.checkpoint.checkpoint(_chunk_logp, *args, use_reentrant=False)
         else:
@@ -1320,12 +1356,13 @@ def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_ent
 
 
 @torch.no_grad()
-def score_rollouts(model, rollouts, temperature, pad_id, micro_batch, chunk):
-    """log pi(y_t) of each rollout under `model`, in micro-batches -> list of 1-D CPU tensors."""
+def score_rollouts(model, rollouts, temperature, pad_id, micro_batch, chunk, top_p=1.0):
+    """log pi(y_t) of each rollout under `model` (top-p filtered when top_p < 1, as sampled), in
+    micro-batches -> list of 1-D CPU tensors."""
     out = []
     for i in range(0, len(rollouts), micro_batch):
         part = rollouts[i:i + micro_batch]
-        logp, _, _ = response_logprobs(model, part, temperature, pad_id, chunk)
+        logp, _, _ = response_logprobs(model, part, temperature, pad_id, chunk, top_p=top_p)
         out += [logp[j, :len(r.tokens)].float().cpu() for j, r in enumerate(part)]
     return out
 

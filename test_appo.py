@@ -999,6 +999,38 @@ def test_core_special_token_strings_in_tool_results_are_plain_text():
     assert sft.tokens.count(tok.eos_token_id) == 1 and sft.tokens[-1] == tok.eos_token_id
 
 
+def test_core_policy_log_softmax_top_p_hand_values_and_gradient():
+    z = torch.tensor([0.5, 0.3, 0.2]).log().requires_grad_()
+    logp = appo.policy_log_softmax(z, 0.7)                               # nucleus {0, 1}: mass 0.8 >= 0.7
+    close(logp, [math.log(0.625), math.log(0.375), -1e4])
+    grad, = torch.autograd.grad(logp[0], z)                              # through the renormalisation
+    close(grad, [1 - 0.625, -0.375, 0.0])
+    assert torch.equal(appo.policy_log_softmax(z, 1.0), z.log_softmax(-1))   # top_p = 1: the plain softmax
+
+
+def test_core_top_p_sampler_logprobs_are_the_filtered_policy_the_trainer_scores(tmp_path):
+    """top_p = 0.8: the recorded log pi_old is the nucleus-filtered, renormalised softmax, and
+    response_logprobs(top_p=0.8) gives the same numbers (ratio 1 at the first update); both differ
+    from the unfiltered top_p = 1 values. It used to record the unfiltered log-probs."""
+    model, tokenizer, prompt = memorise(str(tmp_path), steps=15)         # half-trained: not one-hot
+    torch.manual_seed(0)
+    sampling = appo.Sampling(temperature=0.9, top_p=0.8, max_response_tokens=40)
+    rs = appo.run_agent(model, tokenizer, [prompt] * 6, sampling, run_python)
+    with torch.no_grad():
+        pad = tokenizer.pad_token_id
+        logp, entropy, mask = appo.response_logprobs(model, rs, 0.9, pad, with_entropy=True, top_p=0.8)
+        full, _, _ = appo.response_logprobs(model, rs, 0.9, pad)
+        scored = appo.stack_rows(appo.score_rollouts(model, rs, 0.9, pad, 4, 1024, top_p=0.8))
+    m = mask.bool()
+    sampled = appo.stack_rows([r.logp for r in rs], logp.shape[1])
+    sampled_h = appo.stack_rows([r.entropy for r in rs], logp.shape[1])
+    # 1e-4: float32 logits of a KV-cached step vs one padded forward, as in the top_p = 1 test
+    assert m.sum() > 60 and torch.allclose(sampled[m], logp[m], atol=1e-4)
+    assert torch.allclose(scored[m], logp[m]) and torch.allclose(sampled_h[m], entropy[m], atol=1e-4)
+    assert (logp[m] >= full[m] - 1e-5).all() and (logp[m] - full[m]).mean() > 0.05   # renormalised: higher
+    assert torch.isfinite(logp).all() and logp.min() == -1e4            # results outside the nucleus: -1e4
+
+
 @pytest.mark.parametrize("cut", ["<python>print(6", "<python>print(6*7)</pyth", "<python>print(6*7)</python"])
 def test_core_branch_forked_inside_a_call_or_its_closing_tag_runs_the_call(memorized, cut):
     """A branch that keeps y_t inside the payload or inside `</python>` must still stop at the
