@@ -972,7 +972,7 @@ def feed(model, d, new, pad_id):
     block = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in new], device=device)  # (b, L)
     pos = d.pos[:, None] + (block.cumsum(-1) - 1).clamp(min=0)                                 # (b, L)
     d.attn = torch.cat([d.attn, block], dim=1)                                                  # (b, W + L)
-    d.logits = model(input_ids=ids, attention_mask=d.attn, position_ids=pos, past_key_values=d.cache,
+    d.logits = model(input_ids=ids, attention_mask=d.attn, position_ids=pos, cache=d.cache,       # 5.24+
                      use_cache=True, logits_to_keep=1).logits[:, -1].float()                   # (b, V)
     d.pos = d.pos + block.sum(-1)
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -1029,6 +1030,18 @@ def test_core_top_p_sampler_logprobs_are_the_filtered_policy_the_trainer_scores(
     assert torch.allclose(scored[m], logp[m]) and torch.allclose(sampled_h[m], entropy[m], atol=1e-4)
     assert (logp[m] >= full[m] - 1e-5).all() and (logp[m] - full[m]).mean() > 0.05   # renormalised: higher
     assert torch.isfinite(logp).all() and logp.min() == -1e4            # results outside the nucleus: -1e4
+
+
+def test_core_agent_loop_passes_cache_not_the_deprecated_past_key_values(memorized):
+    """transformers 5.24 deprecates forward(past_key_values=) (removed in 5.40, FutureWarning on
+    every decoding step): the loop passes cache=. Any such warning is an error here."""
+    model, tokenizer, prompt = memorized
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values", category=FutureWarning)
+        for as_ready in (False, True):
+            sampling = appo.Sampling(greedy=True, max_response_tokens=40, results_as_ready=as_ready)
+            rs = appo.run_agent(model, tokenizer, [prompt, prompt[1:]], sampling, run_python)
+            assert all(r.done for r in rs)
 
 
 @pytest.mark.parametrize("cut", ["<python>print(6", "<python>print(6*7)</pyth", "<python>print(6*7)</python"])
@@ -2077,9 +2090,9 @@ class Scripted(torch.nn.Module):
             for k, token in enumerate(response):
                 assert self.next.setdefault(tuple(prompt + response[:k]), token) == token, "scripts clash"
 
-    def forward(self, input_ids, attention_mask, past_key_values, **_):
+    def forward(self, input_ids, attention_mask, cache, **_):
         ids = input_ids.float()[:, None, :, None]
-        history = past_key_values.update(ids, ids, 0)[0][:, 0, :, 0].long()          # (b, L)
+        history = cache.update(ids, ids, 0)[0][:, 0, :, 0].long()                    # (b, L)
         logits = torch.full((len(input_ids), 1, self.vocab), -1e4)
         for i, (row, keep) in enumerate(zip(history.tolist(), attention_mask.tolist())):
             key = tuple(t for t, a in zip(row, keep) if a)
