@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -538,18 +538,39 @@ def entropy_from_logits(logits):
     return -(logp.exp() * logp).sum(dim=-1)  # (B, T); p * log p -> 0 as p -> 0, no NaN
 
 
-def discounted_reverse_cumsum(x, gamma):
+def discount_matrix(n, gamma, dtype=torch.float64, device=None):
+    """M[k, t] = gamma^(k - t) for k >= t, else 0, so (x @ M)_t = sum_{k>=t} gamma^(k-t) x_k.
+    Example: n = 3, gamma = 0.5 -> [[1, 0, 0], [.5, 1, 0], [.25, .5, 1]]."""
+    i = torch.arange(n, device=device)
+    lag = i[:, None] - i[None, :]                                       # (n, n) k - t
+    powers = torch.tensor(gamma, dtype=dtype, device=device) ** lag.clamp(min=0).to(dtype)
+    return torch.where(lag >= 0, powers, torch.zeros((), dtype=dtype, device=device))
+
+
+def discounted_reverse_cumsum(x, gamma, chunk=128):
     """Helper for Eqs. 4 and 7: y_t = sum_{k>=t} gamma^(k-t) x_k along the last dim.
 
-    Computed backwards with y_t = x_t + gamma * y_{t+1}; differentiable, any leading shape.
+    No loop over T: the last dim is cut into chunks of `chunk`; one matrix product sums within
+    each chunk, a second carries each chunk's start value back over the chunks before it
+    (gamma^chunk per chunk), and y_t = (its chunk's sum) + gamma^(chunk end - t) * (the next
+    chunk's start). Computed in float64 (float32 on MPS, which has no float64), so the result
+    is the float64 sum rounded to x's dtype; powers that underflow (gamma^4096 = 2^-128 at the
+    default half-life, a term too small to matter) are 0 or subnormal, never inf or NaN.
+    Differentiable, any leading shape, 0 <= gamma <= 1.
     Example: x = [1, 2, 3], gamma = 0.5 -> [2.75, 3.5, 3.0].
     """
-    running = torch.zeros_like(x[..., 0])  # (...,) y_{T} = 0
-    out = []
-    for t in reversed(range(x.shape[-1])):
-        running = x[..., t] + gamma * running
-        out.append(running)
-    return torch.stack(out[::-1], dim=-1)  # (..., T)
+    T = x.shape[-1]
+    dtype = torch.float32 if x.device.type == "mps" else torch.float64
+    c = max(1, min(chunk, T))
+    n = -(-T // c)                                                      # chunks
+    xs = F.pad(x.to(dtype), (0, n * c - T)).unflatten(-1, (n, c))       # (..., n, c) zeros after T add 0
+    inside = xs @ discount_matrix(c, gamma, dtype, x.device)            # (..., n, c) sums within a chunk
+    starts = inside[..., 0] @ discount_matrix(n, gamma ** c, dtype, x.device)   # (..., n) y at chunk starts
+    later = F.pad(starts[..., 1:], (0, 1))                              # (..., n) y at the next chunk's start
+    g = torch.tensor(gamma, dtype=dtype, device=x.device)
+    to_end = g ** torch.arange(c, 0, -1, dtype=dtype, device=x.device)  # (c,) gamma^(c - t)
+    y = inside + later[..., None] * to_end                              # (..., n, c)
+    return y.flatten(-2)[..., :T].to(x.dtype)
 
 
 def future_values(logp, old_logp, mask, half_life=32.0, clip=(1.0, 1.2)):
@@ -832,13 +853,19 @@ class Rollout:
 
 @dataclass
 class Sampling:
-    """The agent loop's own settings (eval.py builds one without a training Config)."""
+    """The agent loop's own settings (eval.py builds one without a training Config).
+
+    results_as_ready: a row whose call returned samples on at once instead of waiting until every
+    live row waits, so one slow call no longer idles the rows whose calls were quick. The steps at
+    which results enter then depend on how long the tools take, so sampled runs are no longer bit
+    for bit repeatable (greedy tokens are the same); off (default), the run is deterministic."""
     temperature: float = 1.0            # tau: samples come from exactly softmax(z / tau)
-    top_p: float = 1.0                  # nucleus sampling; 1.0 = off (on-policy)
+    top_p: float = 1.0                  # nucleus; 1.0 = off. Below 1 pi is the filtered softmax (score so)
     greedy: bool = False                # argmax instead of sampling (evaluation)
     max_response_tokens: int = 192      # response budget, tool results included
     max_tool_calls: int = 3             # further calls are answered with a limit message
     batch_size: int = 128               # rows sampled together
+    results_as_ready: bool = False      # feed each result once ready, not when every row waits (see above)
 
 
 def build_prompt(tokenizer, question, kind="qa", system_prompt=None, messages=None):
@@ -897,16 +924,38 @@ def tail_text(tokens, texts, n=32):
     return "".join(texts[t] if t < len(texts) else "" for t in tokens[-n:])
 
 
-def top_p_filter(probs, top_p):
-    """Zero each row's tail outside the smallest set of tokens with probability mass >= top_p.
+OUTSIDE_NUCLEUS = -1e4   # log pi of a token top-p cannot sample; finite on purpose (policy_log_softmax)
 
-    Example: probs [[0.5, 0.3, 0.2]], top_p 0.7 -> [[0.5, 0.3, 0]] (multinomial renormalises).
+
+def nucleus_mask(logp, top_p):
+    """True on each row's nucleus: the smallest set of most probable tokens whose mass reaches top_p.
+    Example: logp = log [[0.5, 0.3, 0.2]], top_p 0.7 -> [[True, True, False]]."""
+    sorted_logp, order = logp.sort(dim=-1, descending=True, stable=True)
+    p = sorted_logp.exp()
+    inside = p.cumsum(-1) - p < top_p                                  # the mass before it is still short
+    return torch.zeros_like(inside).scatter(-1, order, inside)
+
+
+def policy_log_softmax(scaled, top_p=1.0):
+    """log pi(. | s_t) of the sampling policy from z / tau (the caller divides): softmax, and for
+    top_p < 1 restricted to the nucleus and renormalised. The sampler and the trainer both use it,
+    so pi_old and pi_theta are the same distribution; the nucleus is recomputed from the current
+    logits (for the sampler's weights it is the sampler's set, so the first ratio is 1) and the
+    gradient flows through the renormalisation, not through the choice of the set.
+
+    Outside the nucleus: OUTSIDE_NUCLEUS, not -inf. Tool-result tokens (m_t = 0) are often
+    outside, for the policy and the reference alike, and -inf - (-inf) is NaN, which masking by
+    multiplication does not remove; -1e4 keeps every difference finite. A sampled token that
+    leaves the nucleus as the policy moves gets Delta clamped to -20 in the loss: ratio ~ 0, no
+    gradient, as for any token the filtered policy cannot produce. top_p = 1: plain log_softmax.
+    Example: z / tau = log [0.5, 0.3, 0.2], top_p 0.7 -> [log 0.625, log 0.375, -1e4].
     """
+    logp = scaled.log_softmax(-1)
     if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(-1, descending=True)           # (b, V)
-    sorted_p[sorted_p.cumsum(-1) - sorted_p >= top_p] = 0.0      # mass before it already reaches top_p
-    return torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return logp
+    inside = nucleus_mask(logp.detach(), top_p)
+    kept = scaled.masked_fill(~inside, float("-inf")).log_softmax(-1)          # renormalised over the nucleus
+    return kept.masked_fill(~inside, OUTSIDE_NUCLEUS)
 
 
 @dataclass
@@ -929,7 +978,7 @@ def feed(model, d, new, pad_id):
     block = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in new], device=device)  # (b, L)
     pos = d.pos[:, None] + (block.cumsum(-1) - 1).clamp(min=0)                                 # (b, L)
     d.attn = torch.cat([d.attn, block], dim=1)                                                  # (b, W + L)
-    d.logits = model(input_ids=ids, attention_mask=d.attn, position_ids=pos, past_key_values=d.cache,
+    d.logits = model(input_ids=ids, attention_mask=d.attn, position_ids=pos, cache=d.cache,       # 5.24+
                      use_cache=True, logits_to_keep=1).logits[:, -1].float()                   # (b, V)
     d.pos = d.pos + block.sum(-1)
 
@@ -974,45 +1023,71 @@ def keep_rows(d, keep):
     d.attn, d.pos, d.logits = d.attn[idx], d.pos[idx], d.logits[idx]
 
 
+def squeeze_holes(d, factor=2):
+    """Drop hole columns once the cache is more than `factor` times as wide as its fullest row.
+
+    Results fed as they arrive cost every other row a hole per result token, so without this the
+    width would grow by the sum of all results instead of their max. Each row's columns move
+    right, in order; keys are stored already rotated (RoPE) and positions live in d.pos, so the
+    next logits are unchanged. Only plain DynamicLayer caches are squeezed (a sliding-window
+    layer keeps fewer columns than d.attn has; it is left as it is).
+    Example: attn [[1, 0, 1, 0, 0], [0, 0, 0, 0, 1]], factor 2 -> [[1, 1], [0, 1]].
+    """
+    from transformers.cache_utils import DynamicLayer
+    width, full = d.attn.shape[1], int(d.attn.sum(-1).max())
+    layers = [x for x in getattr(d.cache, "layers", []) if x.is_initialized]   # a scripted model may use one
+    plain = all(type(x) is DynamicLayer and x.keys.shape[-2] == width for x in layers)
+    if width <= factor * full or not layers or not plain:
+        return
+    order = d.attn.sort(dim=-1, stable=True).indices[:, width - full:]             # (b, full) holes first
+    for layer in layers:
+        idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
+    d.attn = d.attn.gather(1, order)
+
+
 def pick_tokens(logits, sampling):
-    """One token per row from exactly softmax(z / tau) (top-p only when asked; argmax when greedy)
-    -> (tokens, log pi(token) at tau, H of Eq. 3), each (b,)."""
-    logp_all = (logits / sampling.temperature).log_softmax(-1)                        # (b, V)
+    """One token per row from exactly the policy, softmax(z / tau) (top-p filtered and renormalised
+    when top_p < 1; argmax when greedy) -> (tokens, log pi(token), H of Eq. 3 of that policy), each (b,)."""
+    logp_all = policy_log_softmax(logits / sampling.temperature, sampling.top_p)       # (b, V)
     if sampling.greedy:
         tok = logits.argmax(-1)
     else:
-        tok = torch.multinomial(top_p_filter(logp_all.exp(), sampling.top_p), 1)[:, 0]
-    entropy = -(logp_all.exp() * logp_all).sum(-1)                                     # Eq. 3
+        tok = torch.multinomial(logp_all.exp(), 1)[:, 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)                                     # Eq. 3; exp(-1e4) = 0
     return tok, logp_all.gather(-1, tok[:, None])[:, 0], entropy
 
 
 def start_call(pool, box, r, tokenizer, max_calls):
     """Start the call a paused rollout asks for, in the background -> future of (name, payload,
     result). It is parsed from the whole response (a branch may have forked inside the call) and
-    run with the rollout's earlier calls (the python tool's state); past max_calls nothing runs."""
+    run with the rollout's earlier calls (the python tool's state); past max_calls nothing runs.
+    The closing tag may end inside the last token (`on>.`), so that token's text may follow it."""
     if len(r.calls) >= max_calls:
         limit = Future()
         limit.set_result((None, None, f"Error: tool-call limit ({max_calls}) reached; give your answer"))
         return limit
     text = tokenizer.decode(r.tokens, skip_special_tokens=True)
-    return pool.submit(tools.run_call, box, text, [(name, payload) for name, payload, _ in r.calls])
+    after = len(text) - len(tokenizer.decode(r.tokens[:-1], skip_special_tokens=True))   # the last token's
+    return pool.submit(tools.run_call, box, text, [(name, payload) for name, payload, _ in r.calls], after)
 
 
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, rollouts, sampling, box, cost=None):
     """The tool loop (spec section 1), batched, on one KV cache per batch: sample until a closing
     tool tag, </answer>, EOS or the budget; a rollout that stops at a tool tag waits (its call runs
-    in the background at once) while the others go on; when none is sampling, the results are fed
-    as masked tokens (m_t = 0) into the same cache and sampling resumes. Nothing is prefilled twice:
-    not the prompt of N rollouts, not a parent's prefix for its branches, not a rollout after a call.
+    in the background at once) while the others go on, and its result is fed as masked tokens
+    (m_t = 0) into the same cache when every live row waits, or as soon as it is ready with
+    sampling.results_as_ready (see Sampling). Nothing is prefilled twice: not the
+    prompt of N rollouts, not a parent's prefix for its branches, not a rollout after a call.
     `box` is the tools (tools.toolbox()). `cost` (a dict), if given, adds up the work done."""
-    texts, pad = token_texts(tokenizer), tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
     cost = {} if cost is None else cost
     todo = [r for r in rollouts if not r.done]
     with ThreadPoolExecutor(max_workers=8) as pool:
+        loop = ToolLoop(tokenizer, token_texts(tokenizer), sampling, box, pool)
         for s in range(0, len(todo), sampling.batch_size):
-            _generate_batch(model, tokenizer, todo[s:s + sampling.batch_size], sampling, box, pool, texts,
-                            pad, cost)
+            _generate_batch(model, loop, todo[s:s + sampling.batch_size], pad, cost)
     for r in rollouts:
         r.text = tokenizer.decode(r.tokens, skip_special_tokens=True)
     return rollouts
@@ -1029,11 +1104,19 @@ def add_token(r, t, logp, entropy, tail, texts, stops, eos_id, budget):
     return end, (tail + piece)[-32:]
 
 
+def result_ids(tokenizer, text):
+    """Token ids of a tool result, special-token strings in it read as plain text: a search hit
+    or a program that prints `<|im_end|>` must not become the control token (the model would see
+    its turn end, or padding, inside a result). The agent loop and SFT both tokenise results so.
+    Example (test_appo.char_tokenizer): " <|eos|>" -> the ids of its 8 characters, no EOS id."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
 def add_result(r, call, tokenizer, budget):
     """Append a finished call's result to rollout r as masked tokens (m_t = 0) and record the call
     -> the result's token ids to feed, or None when the budget ran out inside the result."""
     name, payload, result = call
-    ids = tokenizer(tools.format_result(result), add_special_tokens=False)["input_ids"]
+    ids = result_ids(tokenizer, tools.format_result(result))
     kept = ids[:budget - len(r.tokens)]
     r.tokens += kept
     r.mask += [0] * len(kept)
@@ -1047,51 +1130,152 @@ def add_result(r, call, tokenizer, budget):
     return ids
 
 
-def _generate_batch(model, tokenizer, rows, sampling, box, pool, texts, pad, cost):
+def _add_cost(cost, key, value):
+    """cost[key] += value, a missing key counting as 0 (the agent loop's cost ledger).
+    Example: c = {}; _add_cost(c, "tool_wait_s", 0.5); _add_cost(c, "tool_wait_s", 1.0)
+             -> c == {"tool_wait_s": 1.5}.
+    """
+    cost[key] = cost.get(key, 0) + value
+
+
+@dataclass
+class Turns:
+    """One batch of the tool loop: its rollouts, the ones still in the batch, those waiting for a tool."""
+    rows: list                                         # the rollouts of the batch
+    live: list                                         # batch row b (of the KV cache) holds rows[live[b]]
+    tails: list                                        # per rollout: the text of its last tokens (find_stop)
+    waiting: dict = field(default_factory=dict)        # rollout index -> future of its tool result
+
+
+@dataclass
+class ToolLoop:
+    """What every step of a batch reads: the tokenizer and its token texts, the settings, the tools."""
+    tokenizer: object
+    texts: list                                        # token_texts(tokenizer)
+    sampling: Sampling
+    box: dict                                          # tools.toolbox()
+    pool: ThreadPoolExecutor                           # runs the calls in the background
+    tool_stops: tuple = field(init=False)              # the closing tags of box's tools
+
+    def __post_init__(self):
+        self.tool_stops = tools.stop_strings(self.box)
+
+    def start_call(self, r):
+        return start_call(self.pool, self.box, r, self.tokenizer, self.sampling.max_tool_calls)
+
+
+def ends_with_tool_stop(r, texts, tool_stops):
+    """Whether rollout r's last token is one it sampled and completes a closing tool tag (a branch that
+    kept the whole tag waits for its call at once). The tag may end inside that token (`on>.`)."""
+    if not r.tokens or not r.mask[-1]:
+        return False
+    t = r.tokens[-1]
+    piece = texts[t] if t < len(texts) else ""
+    return find_stop(tail_text(r.tokens[:-1], texts), piece, tool_stops) is not None
+
+
+def _sample_phase(loop, turns, logits, new, finished):
+    """Phase 1 of a decoding step: one token for each live row that is not waiting for a tool. A row
+    that closes a tool tag starts its call in the background and waits from now on; EOS,
+    </answer> or the budget finish it (batch row added to `finished`). new[b] gets the token."""
+    if len(turns.waiting) == len(turns.live):
+        return
+    # every row draws, waiting ones too, as the loop always did: the same random stream as before
+    tok, logp, entropy = pick_tokens(logits, loop.sampling)
+    stops, s = loop.tool_stops + ("</answer>",), loop.sampling
+    for b, (t, lp, h) in enumerate(zip(tok.tolist(), logp.tolist(), entropy.tolist())):
+        j, r = turns.live[b], turns.rows[turns.live[b]]
+        if j in turns.waiting:
+            continue
+        end, turns.tails[j] = add_token(r, t, lp, h, turns.tails[j], loop.texts, stops,
+                                        loop.tokenizer.eos_token_id, s.max_response_tokens)
+        if end in loop.tool_stops:
+            turns.waiting[j] = loop.start_call(r)
+        if end is None or end in loop.tool_stops:
+            new[b].append(t)
+        else:                                          # eos, </answer> or the budget
+            r.done, r.truncated = True, end == "length"
+            finished.add(b)
+
+
+def _feed_results_phase(loop, turns, new, finished):
+    """Phase 2: every waiting row whose tool result is ready gets it as masked tokens (m_t = 0),
+    appended to new[b], so it is fed in the same forward pass as the other rows' sampled tokens
+    and the row samples again at the next step. A result cut by the budget finishes the row.
+    Runs every step with results_as_ready, else only at steps where every live row waited."""
+    for b, j in enumerate(turns.live):
+        future = turns.waiting.get(j)
+        if future is None or not future.done():
+            continue
+        del turns.waiting[j]
+        r = turns.rows[j]
+        ids = add_result(r, future.result(), loop.tokenizer, loop.sampling.max_response_tokens)
+        turns.tails[j] = tail_text(r.tokens, loop.texts)
+        if ids is None:
+            finished.add(b)
+        else:
+            new[b] += ids
+
+
+def _drop_finished(d, turns, new, finished):
+    """Phase 3: take the finished rows out of the batch and its KV cache -> the token lists of the
+    rows that stay (to be fed). Example: live [4, 7, 9], finished {1} -> live [4, 9]."""
+    keep = [b for b in range(len(turns.live)) if b not in finished]
+    if keep and len(keep) < len(turns.live):
+        keep_rows(d, keep)
+    turns.live = [turns.live[b] for b in keep]
+    return [new[b] for b in keep]
+
+
+def _wait_when_idle(turns, cost, as_ready):
+    """When every live row waits for a tool nothing can be sampled: block until the first result
+    is ready (as_ready) or all are (else, the deterministic schedule). That time is the batch's
+    tool_wait_s. -> whether every live row was waiting."""
+    futures = list(turns.waiting.values())
+    if len(futures) < len(turns.live):
+        return False
     t0 = time.time()
-    tool_stops = tools.stop_strings(box)
-    stops = tool_stops + ("</answer>",)
+    if not (as_ready and any(f.done() for f in futures)):
+        wait(futures, return_when=FIRST_COMPLETED if as_ready else ALL_COMPLETED)
+    _add_cost(cost, "tool_wait_s", time.time() - t0)
+    return True
+
+
+def _generate_batch(model, loop, rows, pad, cost):
+    """The tool loop on one batch of rollouts (at most sampling.batch_size), on one KV cache.
+
+    Prefill (shared prefixes once), then one forward pass per step with, for each live row, the
+    token it sampled and/or its tool result. With sampling.results_as_ready a result is fed as
+    soon as it is ready, so a row whose call returned samples again while slower calls still run
+    elsewhere, and only when every live row waits does the loop block, on the first result;
+    without, results are fed when every live row waits, after blocking on all of them. cost gets
+    prefill_tokens (computed), prefill_tokens_per_row (as if rows shared nothing), tool_wait_s
+    (blocked with nothing to sample) and generate_s (the whole batch).
+    Example (results_as_ready): rows A (slow search) and B (instant python) both stop at a closing
+    tag; B's result is fed at the next step and B goes on sampling while A's search runs.
+    """
+    t0 = time.time()
     d, prefill = start_decoding(model, [r.prompt + r.tokens for r in rows], pad)
-    add = lambda k, v: cost.__setitem__(k, cost.get(k, 0) + v)
-    add("prefill_tokens", prefill)
-    add("prefill_tokens_per_row", sum(len(r.prompt) + len(r.tokens) for r in rows))      # if rows shared nothing
-    tails = [tail_text(r.tokens, texts) for r in rows]
-    waiting = {}                                           # batch row -> future of its tool result
-    for j, r in enumerate(rows):                           # a branch that kept a whole closing tag
-        if r.tokens and r.mask[-1] and tails[j].rstrip().endswith(tool_stops):
-            waiting[j] = start_call(pool, box, r, tokenizer, sampling.max_tool_calls)
-    live = list(range(len(rows)))                          # batch row b holds rows[live[b]]
-    while live:
-        new, keep = [], []
-        if len(waiting) < len(live):
-            tok, logp, entropy = pick_tokens(d.logits, sampling)
-            for b, (t, lp, h) in enumerate(zip(tok.tolist(), logp.tolist(), entropy.tolist())):
-                j, r = live[b], rows[live[b]]
-                if j in waiting:
-                    new.append([]), keep.append(b)
-                    continue
-                end, tails[j] = add_token(r, t, lp, h, tails[j], texts, stops, tokenizer.eos_token_id,
-                                          sampling.max_response_tokens)
-                if end in tool_stops:
-                    waiting[j] = start_call(pool, box, r, tokenizer, sampling.max_tool_calls)
-                if end is None or end in tool_stops:
-                    new.append([t]), keep.append(b)
-                else:                                      # eos, </answer> or the budget: finished
-                    r.done, r.truncated = True, end == "length"
-        else:                                              # every live row waits: feed the results
-            t1 = time.time()
-            for b, j in enumerate(live):
-                ids = add_result(rows[j], waiting.pop(j).result(), tokenizer, sampling.max_response_tokens)
-                tails[j] = tail_text(rows[j].tokens, texts)
-                if ids is not None:
-                    new.append(ids), keep.append(b)
-            add("tool_wait_s", time.time() - t1)
-        if keep and len(keep) < len(live):
-            keep_rows(d, keep)
-        live = [live[b] for b in keep]
-        if live:
+    _add_cost(cost, "prefill_tokens", prefill)
+    _add_cost(cost, "prefill_tokens_per_row", sum(len(r.prompt) + len(r.tokens) for r in rows))
+    tails = [tail_text(r.tokens, loop.texts) for r in rows]
+    turns = Turns(rows=rows, live=list(range(len(rows))), tails=tails)
+    for j, r in enumerate(rows):
+        if ends_with_tool_stop(r, loop.texts, loop.tool_stops):
+            turns.waiting[j] = loop.start_call(r)
+    as_ready = loop.sampling.results_as_ready
+    while turns.live:
+        idle = _wait_when_idle(turns, cost, as_ready)
+        new, finished = [[] for _ in turns.live], set()
+        _sample_phase(loop, turns, d.logits, new, finished)
+        if as_ready or idle:
+            _feed_results_phase(loop, turns, new, finished)
+        new = _drop_finished(d, turns, new, finished)
+        if turns.live:
             feed(model, d, new, pad)
-    add("generate_s", time.time() - t0)
+            if as_ready:                               # results enter one by one: holes pile up
+                squeeze_holes(d)
+    _add_cost(cost, "generate_s", time.time() - t0)
 
 
 def run_agent(model, tokenizer, prompts, sampling, box, cost=None):
@@ -1117,9 +1301,19 @@ def pad_batch(rollouts, pad_id, device):
     return as_tensor(ids, torch.long), as_tensor(attn, torch.long), as_tensor(mask, torch.float), P
 
 
-def _chunk_logp(hidden, targets, head, temperature, with_entropy):
-    """log softmax(head(hidden) / tau)[targets] (and H) for one chunk: (b, c, d) -> (b, c)."""
+def _nucleus_logp(scaled, targets, with_entropy, top_p):
+    """log pi(targets) (and H) under the top-p policy, as the sampler computes them: (b, c, V) -> (b, c)."""
+    logp_all = policy_log_softmax(scaled, top_p)                               # (b, c, V)
+    logp = logp_all.gather(-1, targets[..., None])[..., 0]
+    return logp, -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+
+
+def _chunk_logp(hidden, targets, head, temperature, with_entropy, top_p=1.0):
+    """log pi(targets) (and H) for one chunk, pi = softmax(head(hidden) / tau), top-p filtered when
+    top_p < 1 (policy_log_softmax, as the sampler): (b, c, d) -> (b, c)."""
     logits = head(hidden).float() / temperature                                # (b, c, V)
+    if top_p < 1.0:
+        return _nucleus_logp(logits, targets, with_entropy, top_p)
     logz = logits.logsumexp(-1)                                                # (b, c)
     logp = logits.gather(-1, targets[..., None])[..., 0] - logz                # (b, c)
     if not with_entropy:
@@ -1128,9 +1322,10 @@ def _chunk_logp(hidden, targets, head, temperature, with_entropy):
     return logp, -(logp_all.exp() * logp_all).sum(-1)                          # H, as the sampler computes it
 
 
-def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_entropy=False):
+def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_entropy=False, top_p=1.0):
     """log pi(y_t | s_t) at temperature tau for every response token -> (logp, entropy, mask),
-    each (b, T); entropy (Eq. 3) only when asked, without gradient.
+    each (b, T); entropy (Eq. 3) only when asked, without gradient. top_p < 1: pi is the
+    nucleus-filtered policy the sampler drew from (policy_log_softmax); pass the sampler's top_p.
 
     Memory: the vocabulary-sized logits are built from the final hidden states `chunk` tokens
     (rows x positions) at a time, and with gradients on each chunk is recomputed in the
@@ -1146,6 +1341,9 @@ def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_ent
     if any(getattr(model.config, k, None) for k in post):
         logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
                        logits_to_keep=T + 1).logits[:, :-1].float() / temperature
+        if top_p < 1.0:
+            logp, entropy = _nucleus_logp(logits, ids[:, P:], with_entropy, top_p)
+            return logp, entropy.detach() if with_entropy else None, mask
         logp = logits.log_softmax(-1).gather(-1, ids[:, P:, None])[..., 0]
         return logp, entropy_from_logits(logits.detach()) if with_entropy else None, mask
     hidden = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos,
@@ -1153,7 +1351,7 @@ def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_ent
     head, targets, step = model.get_output_embeddings(), ids[:, P:], max(1, chunk // b)
     logps, ents = [], []
     for s in range(0, T, step):
-        args = (hidden[:, s:s + step], targets[:, s:s + step], head, temperature, with_entropy)
+        args = (hidden[:, s:s + step], targets[:, s:s + step], head, temperature, with_entropy, top_p)
         if torch.is_grad_enabled():
             lp, h = torch.utils.checkpoint.checkpoint(_chunk_logp, *args, use_reentrant=False)
         else:
@@ -1164,12 +1362,13 @@ def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_ent
 
 
 @torch.no_grad()
-def score_rollouts(model, rollouts, temperature, pad_id, micro_batch, chunk):
-    """log pi(y_t) of each rollout under `model`, in micro-batches -> list of 1-D CPU tensors."""
+def score_rollouts(model, rollouts, temperature, pad_id, micro_batch, chunk, top_p=1.0):
+    """log pi(y_t) of each rollout under `model` (top-p filtered when top_p < 1, as sampled), in
+    micro-batches -> list of 1-D CPU tensors."""
     out = []
     for i in range(0, len(rollouts), micro_batch):
         part = rollouts[i:i + micro_batch]
-        logp, _, _ = response_logprobs(model, part, temperature, pad_id, chunk)
+        logp, _, _ = response_logprobs(model, part, temperature, pad_id, chunk, top_p=top_p)
         out += [logp[j, :len(r.tokens)].float().cpu() for j, r in enumerate(part)]
     return out
 
@@ -1485,10 +1684,12 @@ def trace_segments(response):
 
 def sft_rollout(tokenizer, prompt, response):
     """One SFT example as a Rollout: the response's own text is m_t = 1 (trained), its tool results
-    m_t = 0, and EOS closes the turn. Each segment is tokenised alone, as the agent loop does."""
+    m_t = 0, and EOS closes the turn. Each segment is tokenised alone, as the agent loop does
+    (results with special-token strings as plain text, result_ids)."""
     r = Rollout(example=0, prompt=prompt)
     for text, is_result in trace_segments(response):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = (result_ids(tokenizer, text) if is_result
+               else tokenizer(text, add_special_tokens=False)["input_ids"])
         r.tokens += ids
         r.mask += [0 if is_result else 1] * len(ids)
     r.tokens.append(tokenizer.eos_token_id)

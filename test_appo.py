@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -870,6 +871,203 @@ def test_core_find_stop_across_a_fork_and_any_split():
         assert (hit is not None) == (i == len(pieces) - 1)
     assert appo.find_stop("</python> <result>\n1\n</result>", " x") is None   # an old stop is not found again
     assert appo.find_stop("<answer>\\boxed{1}</answ", "er>") == "</answer>"
+
+
+def scripted_chars(texts, scripts, **tokens):
+    """A char tokenizer and a Scripted model (see the real-model section) that writes each script:
+    [(prompt text, response text)] -> (model, tokenizer, [(prompt ids, response ids)])."""
+    from transformers import LlamaConfig
+    tok = char_tokenizer(texts)
+    for piece in tokens.get("added", ()):
+        tok.add_tokens([piece])                                          # a merged token, as a real BPE has
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    pairs = [(ids(p), ids(r)) for p, r in scripts]
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1)
+    return Scripted(config, len(tok), pairs), tok, pairs
+
+
+def test_core_results_are_fed_as_they_arrive_while_a_slow_call_runs():
+    """results_as_ready: row 0 calls a slow tool, row 1 an instant one. Row 1's result must be fed
+    and row 1 must finish its answer while row 0's call still runs: the slow tool waits (up to 5 s)
+    for row 1 to be done and says whether it was. Feeding results only once every live row waits
+    (the default schedule) fails this: row 1 then waits for the slow call, which times out, and
+    row 0 reads the wrong result."""
+    rows = []
+    def slow(query, earlier):
+        stop = time.monotonic() + 5.0
+        while not rows[1].done and time.monotonic() < stop:
+            time.sleep(0.01)
+        return "row 1 was done" if rows[1].done else "row 1 still waited"
+    box = {"slow": slow, "fast": lambda query, earlier: "7"}
+    answer = " <answer>\\boxed{%s}</answer>"
+    scripts = [("Q: slow\n", "<slow>q</slow>" + format_result("row 1 was done") + answer % 1),
+               ("Q: fast\n", "<fast>q</fast>" + format_result("7") + answer % 7)]
+    model, tok, pairs = scripted_chars([s for pair in scripts for s in pair], scripts)
+    rows += [appo.Rollout(example=i, prompt=p) for i, (p, _) in enumerate(pairs)]
+    cost = {}
+    sampling = appo.Sampling(greedy=True, max_response_tokens=96, results_as_ready=True)
+    appo.generate_rollouts(model, tok, rows, sampling, box, cost)
+    for r, (_, response) in zip(rows, scripts):
+        assert r.text == response and r.done and not r.truncated, r.text
+    assert [r.calls[0][:2] for r in rows] == [("slow", "q"), ("fast", "q")]
+    assert cost["tool_wait_s"] > 0 and cost["generate_s"] >= cost["tool_wait_s"]   # row 0 alone: blocked
+
+
+def test_core_squeezing_holes_out_of_the_cache_keeps_the_next_logits():
+    """Results fed at different steps leave holes in the other rows; once they dominate the cache
+    squeeze_holes drops them, and the next logits are those of the unsqueezed cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(config).eval()
+    result = list(range(10, 30))                                         # a 20-token tool result
+    with torch.no_grad():
+        d, _ = appo.start_decoding(model, [[1, 2, 3, 4, 5], [1, 2, 3], [7, 8]], pad_id=0)
+        for row in range(3):                                             # each row's result at its own step
+            appo.feed(model, d, [result if b == row else [5] for b in range(3)], 0)
+        twin = appo.copy.deepcopy(d)
+        appo.squeeze_holes(twin)
+        assert d.attn.shape[1] == 65 and twin.attn.shape[1] == int(d.attn.sum(-1).max()) == 27
+        assert torch.equal(twin.attn.sum(-1), d.attn.sum(-1)) and torch.equal(twin.pos, d.pos)
+        for step in ([[3], [4], [6]], [[8, 9], [], [2]], [[1], [1], [1]]):
+            appo.feed(model, d, step, 0)
+            appo.feed(model, twin, step, 0)
+            assert torch.allclose(d.logits, twin.logits, atol=1e-5), (d.logits - twin.logits).abs().max()
+
+
+def loop_reverse_cumsum(x, gamma):
+    """The reference: y_t = x_t + gamma * y_{t+1}, one step per position."""
+    running, out = torch.zeros_like(x[..., 0]), []
+    for t in reversed(range(x.shape[-1])):
+        running = x[..., t] + gamma * running
+        out.append(running)
+    return torch.stack(out[::-1], dim=-1)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 0.9, 2 ** (-1 / 32), 1.0])
+def test_math_discounted_reverse_cumsum_equals_the_loop_with_its_gradient(gamma):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 300, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 300, generator=g, dtype=torch.float64)
+    got, want = discounted_reverse_cumsum(x, gamma), loop_reverse_cumsum(x, gamma)
+    assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    g_got, = torch.autograd.grad((got * w).sum(), x)
+    g_want, = torch.autograd.grad((want * w).sum(), x)
+    assert torch.allclose(g_got, g_want, rtol=1e-12, atol=1e-12)
+
+
+def test_math_discounted_reverse_cumsum_t4096_within_float32_rounding():
+    """T = 4096 at the default half-life (gamma^4096 = 2^-128 underflows in float32). The float32
+    result is a float64 sum rounded once, so it is within eps32 / 2 * |y| of the float64 loop;
+    |y| <= sum_k gamma^(k-t) |x_k|, so allow eps32 times that discounted sum of |x|."""
+    gamma = 2 ** (-1 / 32)
+    x = torch.randn(8, 4096, generator=torch.Generator().manual_seed(1))
+    want = loop_reverse_cumsum(x.double(), gamma)
+    scale = loop_reverse_cumsum(x.double().abs(), gamma)
+    got = discounted_reverse_cumsum(x, gamma)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    err, bound = (got.double() - want).abs(), torch.finfo(torch.float32).eps * scale
+    assert (err <= bound).all(), float((err / bound).max())     # the old float32 loop: 1.9x the bound
+    assert graph_size(discounted_reverse_cumsum(x.requires_grad_(), gamma)) < 50   # no step per position
+
+
+def graph_size(y):
+    """How many autograd nodes produced y (a loop over T makes several per position)."""
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    return len(seen)
+
+
+def test_tools_closing_tag_ending_inside_the_last_token():
+    """A BPE token like `on>.` ends `</python>` and goes on: with `after` = that token's length the
+    call is the last complete block; text past the token (after too small) is still no call."""
+    text = "x <python>print(1)</pyth" + "on>."
+    assert parse_tool_call(text) is None                                 # strict by default
+    assert parse_tool_call(text, after=4) == ("python", "print(1)")
+    assert parse_tool_call(text + "\n", after=5) == ("python", "print(1)")
+    assert parse_tool_call("<search> q </search> and then more text", after=4) is None
+    box = {"python": lambda code, earlier: f"ran {code}"}
+    assert run_call(box, text, after=4) == ("python", "print(1)", "ran print(1)")
+
+
+def test_core_call_runs_when_its_closing_tag_ends_inside_a_token():
+    """The model writes `</pyth` then one token `on>.`: find_stop sees `</python>`, the call runs
+    (it used to be rejected: "does not end with a tool call") and so does a branch that kept
+    that token."""
+    box = {"python": lambda code, earlier: f"ran {code}"}
+    response = "<python>print(1)</python>." + format_result("ran print(1)") + " <answer>\\boxed{1}</answer>"
+    model, tok, [(prompt, ids)] = scripted_chars([response], [("Q: one\n", response)], added=["on>."])
+    k = ids.index(tok.convert_tokens_to_ids("on>.")) + 1                # the response up to that token
+    assert tok.decode(ids[:k]) == "<python>print(1)</python>."
+    (r,) = appo.run_agent(model, tok, [prompt], appo.Sampling(greedy=True, max_response_tokens=96), box)
+    assert r.text == response and r.calls == [("python", "print(1)", r.calls[0][2])], r.text
+    branch = appo.Rollout(example=0, prompt=prompt, tokens=ids[:k], mask=[1] * k, logp=[0.0] * k,
+                          entropy=[0.0] * k)                             # forked right after `on>.`
+    appo.generate_rollouts(model, tok, [branch], appo.Sampling(greedy=True, max_response_tokens=96), box)
+    assert branch.text == response and branch.calls[0][:2] == ("python", "print(1)")
+
+
+def test_core_special_token_strings_in_tool_results_are_plain_text():
+    """A result that quotes the EOS or pad string is tokenised as text, in the agent loop and in
+    SFT alike (it used to become the control token: a turn end inside a result)."""
+    tok = char_tokenizer(["x"])
+    result = "see <|eos|> and <|pad|>"
+    ids = appo.add_result(appo.Rollout(example=0, prompt=[3]), ("search", "q", result), tok, 96)
+    assert not set(ids) & set(tok.all_special_ids) and tok.decode(ids) == format_result(result)
+    trace = "<search>q</search>" + format_result(result) + " <answer>\\boxed{1}</answer>"
+    sft = appo.sft_rollout(tok, [3], trace)
+    assert [t for t, m in zip(sft.tokens, sft.mask) if not m] == ids   # the same tokens as the loop's
+    assert sft.tokens.count(tok.eos_token_id) == 1 and sft.tokens[-1] == tok.eos_token_id
+
+
+def test_core_policy_log_softmax_top_p_hand_values_and_gradient():
+    z = torch.tensor([0.5, 0.3, 0.2]).log().requires_grad_()
+    logp = appo.policy_log_softmax(z, 0.7)                               # nucleus {0, 1}: mass 0.8 >= 0.7
+    close(logp, [math.log(0.625), math.log(0.375), -1e4])
+    grad, = torch.autograd.grad(logp[0], z)                              # through the renormalisation
+    close(grad, [1 - 0.625, -0.375, 0.0])
+    assert torch.equal(appo.policy_log_softmax(z, 1.0), z.log_softmax(-1))   # top_p = 1: the plain softmax
+
+
+def test_core_top_p_sampler_logprobs_are_the_filtered_policy_the_trainer_scores(tmp_path):
+    """top_p = 0.8: the recorded log pi_old is the nucleus-filtered, renormalised softmax, and
+    response_logprobs(top_p=0.8) gives the same numbers (ratio 1 at the first update); both differ
+    from the unfiltered top_p = 1 values. It used to record the unfiltered log-probs."""
+    model, tokenizer, prompt = memorise(str(tmp_path), steps=15)         # half-trained: not one-hot
+    torch.manual_seed(0)
+    sampling = appo.Sampling(temperature=0.9, top_p=0.8, max_response_tokens=40)
+    rs = appo.run_agent(model, tokenizer, [prompt] * 6, sampling, run_python)
+    with torch.no_grad():
+        pad = tokenizer.pad_token_id
+        logp, entropy, mask = appo.response_logprobs(model, rs, 0.9, pad, with_entropy=True, top_p=0.8)
+        full, _, _ = appo.response_logprobs(model, rs, 0.9, pad)
+        scored = appo.stack_rows(appo.score_rollouts(model, rs, 0.9, pad, 4, 1024, top_p=0.8))
+    m = mask.bool()
+    sampled = appo.stack_rows([r.logp for r in rs], logp.shape[1])
+    sampled_h = appo.stack_rows([r.entropy for r in rs], logp.shape[1])
+    # 1e-4: float32 logits of a KV-cached step vs one padded forward, as in the top_p = 1 test
+    assert m.sum() > 60 and torch.allclose(sampled[m], logp[m], atol=1e-4)
+    assert torch.allclose(scored[m], logp[m]) and torch.allclose(sampled_h[m], entropy[m], atol=1e-4)
+    assert (logp[m] >= full[m] - 1e-5).all() and (logp[m] - full[m]).mean() > 0.05   # renormalised: higher
+    assert torch.isfinite(logp).all() and logp.min() == -1e4            # results outside the nucleus: -1e4
+
+
+def test_core_agent_loop_passes_cache_not_the_deprecated_past_key_values(memorized):
+    """transformers 5.24 deprecates forward(past_key_values=) (removed in 5.40, FutureWarning on
+    every decoding step): the loop passes cache=. Any such warning is an error here."""
+    model, tokenizer, prompt = memorized
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values", category=FutureWarning)
+        for as_ready in (False, True):
+            sampling = appo.Sampling(greedy=True, max_response_tokens=40, results_as_ready=as_ready)
+            rs = appo.run_agent(model, tokenizer, [prompt, prompt[1:]], sampling, run_python)
+            assert all(r.done for r in rs)
 
 
 @pytest.mark.parametrize("cut", ["<python>print(6", "<python>print(6*7)</pyth", "<python>print(6*7)</python"])
@@ -2081,9 +2279,9 @@ class Scripted(torch.nn.Module):
             for k, token in enumerate(response):
                 assert self.next.setdefault(tuple(prompt + response[:k]), token) == token, "scripts clash"
 
-    def forward(self, input_ids, attention_mask, past_key_values, **_):
+    def forward(self, input_ids, attention_mask, cache, **_):
         ids = input_ids.float()[:, None, :, None]
-        history = past_key_values.update(ids, ids, 0)[0][:, 0, :, 0].long()          # (b, L)
+        history = cache.update(ids, ids, 0)[0][:, 0, :, 0].long()                    # (b, L)
         logits = torch.full((len(input_ids), 1, self.vocab), -1e4)
         for i, (row, keep) in enumerate(zip(history.tolist(), attention_mask.tolist())):
             key = tuple(t for t, a in zip(row, keep) if a)

@@ -46,20 +46,27 @@ def stop_strings(names) -> tuple[str, ...]:
     return tuple(f"</{name}>" for name in names)
 
 
-def parse_tool_call(text: str, names=("python", "search")) -> tuple[str | None, str] | None:
+def parse_tool_call(text: str, names=("python", "search"), after: int = 0) -> tuple[str | None, str] | None:
     """The tool call `text` ends with: (name, payload); (None, reason) when it is malformed; None
     when the text does not end (modulo whitespace) with a closing tool tag (it ended some other
     way: EOS, `</answer>`, length) and there is nothing to run. Never raises.
 
+    `after`: how many characters at the end of `text` came with the token that completed the
+    closing tag. A BPE token such as `on>.` ends `</python>` and goes on, so the tag may end
+    anywhere in those characters; the call is then the last complete <tool>...</tool> block
+    and what follows it in that token is ignored. 0: the text must end with the tag.
     Malformed: no opening tag, empty payload, another tool tag inside. The model stopped and waits
     for a result, so the caller answers with the reason as an error text (see run_call).
-    Example: parse_tool_call("x <python>print(1)</python>") -> ("python", "print(1)").
+    Example: parse_tool_call("x <python>print(1)</python>") -> ("python", "print(1)");
+             parse_tool_call("x <python>print(1)</python>.", after=4) -> ("python", "print(1)").
     """
+    end = len(text)
     text = text.rstrip()
-    name = next((t for t in names if text.endswith(f"</{t}>")), None)
-    if name is None:
+    closes = [(text.rfind(f"</{t}>") + len(t) + 3, t) for t in names if f"</{t}>" in text]
+    close, name = max(closes, default=(-1, None))                   # the last closing tag, where it ends
+    if name is None or close < min(len(text), end - after):
         return None
-    body = text[: -len(f"</{name}>")]
+    body = text[: close - len(f"</{name}>")]
     start = body.rfind(f"<{name}>")
     if start < 0:
         return None, f"</{name}> without a matching <{name}>."
@@ -434,10 +441,12 @@ def describe(box: dict) -> str:
     return ", ".join(one(name, tool) for name, tool in box.items())
 
 
-def run_call(box: dict, text: str, earlier: Sequence = ()) -> tuple[str | None, str | None, str]:
+def run_call(box: dict, text: str, earlier: Sequence = (),
+             after: int = 0) -> tuple[str | None, str | None, str]:
     """Run the call `text` ends with -> (name, payload, result text). A malformed or unknown call
-    gets an error text and name None; a failing tool gets an error text. Never raises."""
-    call = parse_tool_call(text, tuple(box))
+    gets an error text and name None; a failing tool gets an error text. Never raises. `after`:
+    characters of the last token, which may run past the closing tag (see parse_tool_call)."""
+    call = parse_tool_call(text, tuple(box), after)
     if call is None or call[0] is None:
         return None, None, f"Error: {call[1] if call else 'the text does not end with a tool call.'}"
     name, payload = call
