@@ -131,7 +131,8 @@ class Config:
     """Sampling temperature tau (also used in Eq. 3 and the loss). Paper code: 1.0. The toy: 0.7, chosen
     on its validation split (RESULTS.md)."""
     top_p: float = 1.0
-    """Nucleus sampling for rollouts (1.0 = off, the unbiased on-policy choice)."""
+    """Nucleus sampling for rollouts (1.0 = off). Below 1 the policy is the nucleus-filtered,
+    renormalised softmax(z / tau): the sampler records its log-probs and the trainer scores the same."""
     max_response_tokens: int = 192
     """Response budget incl. tool results. Paper: 4096 reasoning / 8192 deep search; toy: 192."""
     gen_batch_size: int = 128
@@ -1450,7 +1451,8 @@ def branch_round(model, anchor, rollouts, frontier, count, cfg, recipe, content_
     candidates (H_t and log pi come from the sampler), the top-B per rollout are picked, and where
     a prompt would overshoot M the globally best points are kept. -> the new branches (not sampled)."""
     rows = [rollouts[i] for i in frontier]
-    score = lambda m: score_rollouts(m, rows, cfg.temperature, pad_id, cfg.micro_batch_size, cfg.logit_chunk)
+    score = lambda m: score_rollouts(m, rows, cfg.temperature, pad_id, cfg.micro_batch_size, cfg.logit_chunk,
+                                     top_p=cfg.top_p)
     sampled = [torch.tensor(r.logp) for r in rows]
     if recipe.branch_rule != "bs":
         logp = anchor_logp = sampled                                        # Omega unused
@@ -1597,7 +1599,7 @@ def old_logprobs(model, train, micro_batches, cfg, pad_id):
     for micro in micro_batches:
         with autocast(device, cfg.dtype):
             logp, _, _ = response_logprobs(model, [train[i] for i in micro], cfg.temperature, pad_id,
-                                           cfg.logit_chunk)
+                                           cfg.logit_chunk, top_p=cfg.top_p)
         for j, i in enumerate(micro):
             out[i] = logp[j, :len(train[i].tokens)].float()
     return out
@@ -1608,7 +1610,7 @@ def policy_loss_backward(model, rows, old, advs, ref_logps, cfg, recipe, pad_id,
     APPO loss, backward scaled by `weight` (its share of the mini-batch, so gradients accumulate to
     Eq. 8's mean over rollouts). -> (loss, metrics); nothing is backpropagated if the loss is not finite."""
     with autocast(next(model.parameters()).device, cfg.dtype):
-        logp, _, mask = response_logprobs(model, rows, cfg.temperature, pad_id, cfg.logit_chunk)
+        logp, _, mask = response_logprobs(model, rows, cfg.temperature, pad_id, cfg.logit_chunk, top_p=cfg.top_p)
     as_rows = lambda xs: stack_rows(xs, logp.shape[1]).to(logp.device)      # (b, T)
     loss, metrics = appo_policy_loss(
         logp, as_rows(old), as_rows(advs), mask, half_life=cfg.half_life, future_weight=recipe.future_weight,
@@ -2361,7 +2363,7 @@ def main(argv=None):
         if cfg.kl_coef > 0:
             with on_device(run.ref, device), autocast(device, cfg.dtype):
                 ref_logps = score_rollouts(run.ref, train_rows, cfg.temperature, tokenizer.pad_token_id,
-                                           cfg.micro_batch_size, cfg.logit_chunk)
+                                           cfg.micro_batch_size, cfg.logit_chunk, top_p=cfg.top_p)
         ##### update (Eqs. 7-8) #####
         t2 = time.time()
         if cfg.omega_anchor == "prev":                          # next step's anchor: the weights before it

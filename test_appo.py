@@ -1310,6 +1310,30 @@ def test_core_recompute_logp_decides_which_log_probs_are_pi_old(memorized):
             assert update["loss/ratio/mean"] == pytest.approx(math.exp(-0.01), abs=1e-4)
 
 
+def test_core_top_p_update_scores_the_policy_it_sampled_from(half_trained):
+    """--top_p reaches the trainer: rollouts sampled from the nucleus-filtered policy (top_p 0.8) and
+    trained with the sampler's own log-probs as pi_old (recompute_logp=False) see a ratio of 1 (float32
+    agreement, ~1e-6 per token); a trainer that scored the unfiltered policy would see exp(-0.2)-ish."""
+    model, tokenizer, prompt = half_trained
+    for top_p in (0.8, 1.0):
+        cfg = tiny_cfg(top_p=0.8, recompute_logp=False, algo="grpo", group_size=4, mini_batch_prompts=2, lr=1e-9)
+        torch.manual_seed(0)
+        rollouts = appo.run_agent(model, tokenizer, [prompt] * 4,
+                                  appo.Sampling(temperature=cfg.temperature, top_p=0.8, max_response_tokens=40),
+                                  run_python)
+        for i, r in enumerate(rollouts):
+            r.example, r.root, r.reward = i // 2, i, float(i % 2)
+        _, advs = appo.rollout_advantages(rollouts, appo.resolve(cfg))
+        policy = appo.copy.deepcopy(model).train()
+        update = appo.ppo_update(policy, torch.optim.AdamW(policy.parameters(), lr=cfg.lr), rollouts, advs, None,
+                                 appo.dataclasses.replace(cfg, top_p=top_p), appo.resolve(cfg),
+                                 tokenizer.pad_token_id)
+        if top_p == 0.8:
+            assert update["loss/ratio/mean"] == pytest.approx(1.0, abs=1e-4)
+        else:
+            assert update["loss/ratio/mean"] < 0.95                          # the mismatch the wiring avoids
+
+
 def test_core_rl_policy_has_no_dropout(tmp_path):
     """A model whose config asks for dropout 0.1 loads with dropout off: two train-mode forward passes
     (how the loss runs) give the same log-probs, as an eval-mode pass (how the sampler runs) does."""
@@ -1360,7 +1384,7 @@ def test_core_branch_round_picks_where_the_anchor_differs(monkeypatch):
 
     def pick(lp_policy, lp_anchor):
         scores = {id(policy): lp_policy, id(anchor): lp_anchor}
-        monkeypatch.setattr(appo, "score_rollouts", lambda m, rows, *a: [scores[id(m)]] * len(rows))
+        monkeypatch.setattr(appo, "score_rollouts", lambda m, rows, *a, **k: [scores[id(m)]] * len(rows))
         stats = {"tree/omega_degenerate": 0, "tree/scored": 0, "tree/rounds": 0}
         rollout = appo.copy.deepcopy(r)
         new = appo.branch_round(policy, anchor, [rollout], [0], [1], cfg, appo.resolve(cfg), content, 0, stats)
