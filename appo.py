@@ -104,6 +104,10 @@ class Config:
     (reasoning) / 6 (deep search)."""
     tool_timeout: float = 5.0
     """Seconds a python call may run."""
+    results_as_ready: bool = False
+    """Feed each tool result into the agent loop as soon as its call returns, while the other rows keep
+    sampling (faster with slow tools). Off by default: which step a result enters then depends on tool
+    timing, so sampled runs are not repeatable bit for bit (greedy ones are)."""
 
     # --- rollout tree (Eqs. 3-5) ---
     algo: str = "appo"
@@ -1537,7 +1541,7 @@ def sampling_of(cfg, greedy=False):
     """The agent loop's settings out of a training Config."""
     return Sampling(temperature=cfg.temperature, top_p=cfg.top_p, greedy=greedy,
                     max_response_tokens=cfg.max_response_tokens, max_tool_calls=cfg.max_tool_calls,
-                    batch_size=cfg.gen_batch_size)
+                    batch_size=cfg.gen_batch_size, results_as_ready=cfg.results_as_ready)
 
 
 # ---------------------------------------------------------------------------------------------
