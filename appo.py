@@ -380,8 +380,6 @@ def resolve(cfg):
 # ---------------------------------------------------------------------------------------------
 # Reward (the paper's outcome reward): -1 for a bad format, else correctness in [0, 1]. eval.py imports it.
 # ---------------------------------------------------------------------------------------------
-_TAG = re.compile(r"<(/?)([A-Za-z_]\w*)>")
-_RESULT_SPAN = re.compile(r" <result>\n.*?\n</result>", re.DOTALL)   # what the loop appends after a call
 _BOXED = re.compile(r"\\boxed\s*\{")
 _TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
 # a plain number, then whitespace and unit words of 2+ letters ("18 dollars"; not "2x", "2 pi")
@@ -421,10 +419,7 @@ def format_error(response: str) -> str | None:
     """
     if extract_answer(response) is None:
         return "no_answer"
-    opened = Counter()
-    for slash, tag in _TAG.findall(_RESULT_SPAN.sub(" ", response)):      # the model's own text
-        opened[tag] += -1 if slash else 1
-    return "unbalanced_tags" if any(opened.values()) else None
+    return "unbalanced_tags" if tools.unbalanced_tags(response) else None
 
 
 def format_ok(response: str) -> bool:
@@ -892,10 +887,7 @@ def build_prompt_text(question, system_prompt):
     return f"{system_prompt}\nQuestion: {question}\n"
 
 
-def default_system_prompt(box):
-    """The system prompt that teaches the tag protocol, listing the tools of `box`."""
-    return (f"Solve the question step by step. You can call tools: {tools.describe(box)}. Each result comes "
-            "back inside <result> </result>. End with <answer> \\boxed{final answer} </answer>.")
+default_system_prompt = tools.default_system_prompt
 
 
 STOPS = tools.stop_strings(["python", "search"]) + ("</answer>",)   # the default tools' stops
@@ -1681,7 +1673,7 @@ def trace_segments(response):
                  (" <answer>\\boxed{1}</answer>", False)].
     """
     parts, pos = [], 0
-    for m in _RESULT_SPAN.finditer(response):
+    for m in tools.RESULT_SPAN.finditer(response):
         parts += [(response[pos:m.start()], False), (m.group(0), True)]
         pos = m.end()
     parts.append((response[pos:], False))

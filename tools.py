@@ -83,6 +83,26 @@ def format_result(text: str) -> str:
     return " <result>\n" + text.rstrip() + "\n</result>"
 
 
+RESULT_SPAN = re.compile(r" <result>\n.*?\n</result>", re.DOTALL)   # exactly what format_result appends
+_TAG = re.compile(r"<(/?)([A-Za-z_]\w*)>")
+
+
+def unbalanced_tags(text: str) -> bool:
+    """Outside the tool results, some <tag> is not closed or is closed without opening (a response cut
+    off inside a call, say). Any tag counts, so a new tool needs no change here.
+    Example: "<python>x</python> <result>\n<b>\n</result>" -> False; "<python>print(1)" -> True."""
+    opened = Counter()
+    for slash, tag in _TAG.findall(RESULT_SPAN.sub(" ", text)):             # the model's own text
+        opened[tag] += -1 if slash else 1
+    return any(opened.values())
+
+
+def default_system_prompt(box: dict) -> str:
+    """The system prompt that teaches the tag protocol, listing the tools of `box`."""
+    return (f"Solve the question step by step. You can call tools: {describe(box)}. Each result comes "
+            "back inside <result> </result>. End with <answer> \\boxed{final answer} </answer>.")
+
+
 ##### Python tool #####
 
 MEMORY_LIMIT_MB = 1024  # RLIMIT_AS; Python + numpy start in ~100 MB of address space

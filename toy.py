@@ -287,8 +287,7 @@ def export_natural(out_dir, seed=0, n_sft=600, n_rl=300, n_test=150):
     questions, corpus = make_world(seed)
     splits = split_world(questions, {"test": n_test, "val": 0, "rl": n_rl, "sft": n_sft})
     search, rng = tools.Search(corpus=corpus, topk=1), random.Random(seed)
-    import appo                                      # the default system prompt, listing the tools
-    system_prompt = appo.default_system_prompt(tools.toolbox())
+    system_prompt = tools.default_system_prompt(tools.toolbox())
     plain = lambda rows: [{k: ex[k] for k in ("question", "answer", "kind", "type")} for ex in rows]
     files = {"sft.jsonl": [sft_row(ex, search, rng, system_prompt) for ex in splits["sft"]],
              "rl.jsonl": plain(splits["rl"]),
