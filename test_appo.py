@@ -1318,6 +1318,104 @@ def test_core_combine_ranks_sums_counts_averages_rates_takes_slowest_time():
                                           "reward/mean": 0.375, "time/update_s": 4.0}
 
 
+def test_script_torchrun_ranks_outwait_a_cold_start_longer_than_the_timeout(tmp_path):
+    """Rank 0 builds the toy world and runs the cold-start SFT (~30 s here) while rank 1 waits on the
+    launcher's store; with a 15-second --dist_timeout, waiting in a collective (a barrier) would fail."""
+    import re
+    res = torchrun(os.path.join(HERE, "appo.py"), f"--out_dir={tmp_path}", *SMOKE, "--steps=1", "--pass_k=0",
+                   "--dist_timeout=0.25", timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m, s = re.findall(r"sft: 100%.*?\[(\d+):(\d+)<", res.stderr)[-1]
+    assert 60 * int(m) + int(s) > 15, res.stderr[-2000:]              # longer than the collective timeout
+    assert res.stdout.count("step 1/1") == 1 and os.path.exists(tmp_path / "summary.json")
+
+
+def fake_group(monkeypatch, rank, world, local_rank):
+    """torchrun's environment for one rank, with the process-group calls recorded instead of made."""
+    for k, v in {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local_rank}.items():
+        monkeypatch.setenv(k, str(v))
+    calls = {"set_device": [], "init": []}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls["set_device"].append(d))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda *a, **k: calls["init"].append((a, k)))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a: rank)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: world)
+    return calls
+
+
+def test_core_init_distributed_puts_each_rank_on_its_own_gpu(monkeypatch):
+    """nccl: LOCAL_RANK's GPU becomes the current device (all_gather_object's buffers go there, not
+    to GPU 0 on every rank) and is the group's device_id; the group gets --dist_timeout."""
+    calls = fake_group(monkeypatch, rank=3, world=4, local_rank=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert appo.pick_device("auto") == torch.device("cuda", 1)
+    assert appo.init_distributed() == (3, 4)
+    assert calls["set_device"] == [1]
+    (args, kw), = calls["init"]
+    assert args == ("nccl",) and kw["device_id"] == torch.device("cuda", 1)
+    calls["init"].clear()
+    appo.init_distributed(torch.device("cuda"), timeout_min=45)             # --device=cuda: the same GPU
+    assert calls["set_device"] == [1, 1] and calls["init"][0][1]["timeout"].total_seconds() == 45 * 60
+
+
+def test_core_init_distributed_on_cpu_is_gloo_without_a_gpu(monkeypatch):
+    calls = fake_group(monkeypatch, rank=1, world=2, local_rank=1)
+    assert appo.init_distributed(torch.device("cpu")) == (1, 2)
+    (args, kw), = calls["init"]
+    assert args == ("gloo",) and "device_id" not in kw and calls["set_device"] == []
+
+
+class FakeStore:
+    """The launcher's key-value store as rank0_first uses it, with the order of events recorded."""
+    def __init__(self, log):
+        self.log, self.keys = log, set()
+
+    def set(self, key, value):
+        self.log.append(("set", key))
+        self.keys.add(key)
+
+    def wait(self, keys, timeout):
+        self.log.append(("wait", tuple(keys), timeout.total_seconds()))
+
+
+def test_core_ranks_wait_for_rank0s_cold_start_on_the_store_not_in_a_collective(monkeypatch):
+    """Rank 0 builds (toy world, SFT) first, the others then read its cache; they wait on the store
+    with no practical limit, and no collective is issued (none exists yet)."""
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: pytest.fail("a collective"))
+    log = []
+    assert appo.rank0_first(lambda: log.append("work") or "data", 0, FakeStore(log)) == "data"
+    assert log == ["work", ("set", appo.RANK0_DONE)]
+    log.clear()
+    assert appo.rank0_first(lambda: log.append("work") or "data", 1, FakeStore(log)) == "data"
+    assert log[0][:2] == ("wait", (appo.RANK0_DONE,)) and log[0][2] >= 7 * 24 * 3600 and log[1] == "work"
+    assert appo.rank0_first(lambda: "alone", 0, None) == "alone"            # a plain process
+
+
+def test_core_evaluation_is_split_over_ranks_and_gives_every_rank_all_metrics(monkeypatch):
+    """Rank r of 2 answers questions r, r + 2, ...; the gathered metrics equal one process's."""
+    examples = [{"question": f"q{i}", "answer": [str(i)], "kind": "math"} for i in range(5)]
+
+    def answer(model, tokenizer, exs, cfg, box, desc, samples):
+        return [appo.Rollout(example=i, prompt=[], tokens=[1, 2], mask=[1, 1], logp=[0.0, 0.0],
+                             text=f"<answer>\\boxed{{{ex['question'][1:] if j == 0 else 'x'}}}</answer>")
+                for i, ex in enumerate(exs) for j in range(samples)]
+    monkeypatch.setattr(appo, "answer", answer)
+    cfg = appo.Config(device="cpu")
+    alone = appo.evaluate(None, None, examples, cfg, None, samples=2)
+    shares = {r: answer(None, None, examples[r::2], cfg, None, "", 2) for r in (0, 1)}
+    for r, rollouts in shares.items():
+        for x in rollouts:
+            x.example = list(range(r, 5, 2))[x.example]
+    asked = []
+    monkeypatch.setattr(appo, "answer", lambda m, t, exs, *a: asked.append([e["question"] for e in exs])
+                        or answer(m, t, exs, *a))
+    monkeypatch.setattr(appo, "rank_world", lambda: (1, 2))
+    monkeypatch.setattr(appo, "gather", lambda mine: [shares[0], mine])
+    assert appo.evaluate(None, None, examples, cfg, None, samples=2) == alone
+    assert asked == [["q1", "q3"]] and alone["pass@2"] == 1.0 and alone["acc"] == 0.5
+
+
 def torchrun(*args, nproc=2, timeout=300):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", *map(str, args)],
