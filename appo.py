@@ -1814,6 +1814,14 @@ def save_hf(model, tokenizer, path, extra=None):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def load_onto(device):
+    """torch.load's map_location for a trainer state: what was saved from an accelerator (AdamW's
+    moments, from rank 0's GPU) comes back on `device`, this rank's, instead of on the GPU it was
+    saved from (without it every rank puts a copy on cuda:0); CPU tensors (RNG states, AdamW's step
+    counts) stay on the CPU, where set_rng_state and AdamW expect them."""
+    return lambda storage, location: storage if location == "cpu" else storage.to(device=device)
+
+
 def find_checkpoint(path):
     for p in (path, path + ".old"):
         if os.path.exists(os.path.join(p, "trainer_state.pt")):
@@ -1912,9 +1920,9 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())                   # RNG states must be CPU byte tensors
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2049,7 +2057,8 @@ def start_run(cfg, recipe, model_path, rank=0, world=1):
     run = Run(cfg, recipe, model, tokenizer, optimizer, anchor, ref,
               tools.toolbox(search_backend=make_search(cfg), timeout=cfg.tool_timeout), rank=rank)
     if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False,
+                           map_location=load_onto(next(model.parameters()).device))
         run.optimizer.load_state_dict(state["optimizer"])
         if state.get("anchor") is not None:
             run.anchor.load_state_dict(state["anchor"])

@@ -1416,6 +1416,35 @@ def test_core_evaluation_is_split_over_ranks_and_gives_every_rank_all_metrics(mo
     assert asked == [["q1", "q3"]] and alone["pass@2"] == 1.0 and alone["acc"] == 0.5
 
 
+def test_core_resume_loads_the_trainer_state_onto_this_ranks_device(tmp_path, monkeypatch):
+    """torch.load gets a map_location: what rank 0 saved from its GPU lands on this rank's device
+    (not on cuda:0 for every rank), CPU tensors (RNG, AdamW step counts) stay on the CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = char_tokenizer(["Question: what is 6*7?\n"])
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+                     ).save_pretrained(tmp_path / "init")
+    tokenizer.save_pretrained(tmp_path / "init")
+    cfg = tiny_cfg(out_dir=str(tmp_path / "run"))
+    os.makedirs(cfg.out_dir)
+    run = appo.start_run(cfg, appo.resolve(cfg), str(tmp_path / "init"))
+    appo.save_checkpoint(run, 3)
+    seen, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("map_location")) or load(*a, **k))
+    resumed = appo.start_run(appo.dataclasses.replace(cfg, resume=True), appo.resolve(cfg), str(tmp_path / "init"))
+    assert resumed.start == 3 and len(seen) == 1 and callable(seen[0])
+    moved = []
+
+    class Storage:
+        def to(self, device):
+            moved.append(device)
+            return self
+    cpu = Storage()
+    assert seen[0](cpu, "cpu") is cpu and moved == []
+    seen[0](Storage(), "cuda:0")
+    assert moved == [next(resumed.model.parameters()).device]
+
+
 def torchrun(*args, nproc=2, timeout=300):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", *map(str, args)],
