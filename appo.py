@@ -1640,23 +1640,50 @@ def distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def sync_gradients(model, finite, n_local):
+GRAD_BUCKET_BYTES = 32 * 2 ** 20
+
+
+def grad_buckets(params, limit=GRAD_BUCKET_BYTES):
+    """Consecutive parameters of one dtype and device, up to `limit` bytes of gradient each (a
+    parameter larger than the limit is a bucket alone)."""
+    buckets, size = [], 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        last = buckets[-1][-1] if buckets else None
+        if last is None or size + nbytes > limit or (p.dtype, p.device) != (last.dtype, last.device):
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += nbytes
+    return buckets
+
+
+def sync_gradients(model, finite, n_local, bucket_bytes=GRAD_BUCKET_BYTES):
     """Data parallel: turn each rank's gradient of its own rollout mean into the gradient of the mean
     over every rank's rollouts (each weighted by its n_local rows; what DistributedDataParallel does
     for equal shares, written out because the chunked log-prob path calls the model's layers, not a
-    wrapped forward), and agree on whether every rank's loss was finite. One process: nothing to do."""
+    wrapped forward), and agree on whether every rank's loss was finite. Gradients travel flattened
+    in buckets of ~32 MB: one all-reduce per bucket and one host sync in all, instead of one of each
+    per parameter (~290 for a 0.5B model). One process: nothing to do."""
     if not distributed():
         return finite
     dist, device = torch.distributed, next(model.parameters()).device
-    ok, n = torch.tensor([float(finite)], device=device), torch.tensor([float(n_local)], device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    dist.all_reduce(n)
-    for p in model.parameters():
-        if p.grad is None:
+    head = torch.tensor([float(not finite), float(n_local)], device=device)
+    dist.all_reduce(head)                                            # ranks with a bad loss, rows in all
+    bad, n = head.tolist()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:                                           # unused here, maybe not elsewhere
             p.grad = torch.zeros_like(p)
-        p.grad *= n_local / n.item()
-        dist.all_reduce(p.grad)
-    return bool(ok.item())
+    for bucket in grad_buckets(params, bucket_bytes):
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        flat *= n_local / n
+        dist.all_reduce(flat)
+        offset = 0
+        for p in bucket:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+    return bad == 0
 
 
 def rank_world():

@@ -1416,6 +1416,30 @@ def test_core_evaluation_is_split_over_ranks_and_gives_every_rank_all_metrics(mo
     assert asked == [["q1", "q3"]] and alone["pass@2"] == 1.0 and alone["acc"] == 0.5
 
 
+def test_core_sync_gradients_all_reduces_a_few_buckets_not_each_parameter(monkeypatch):
+    """60 parameters: one all-reduce of (bad ranks, rows) and one per ~32 MB bucket, not 60 + 2; the
+    gradients come back in place (a fake second rank with the same gradient and rows: mean = own)."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(30)])
+    model(torch.ones(2, 8)).sum().backward()
+    model[3].bias.grad = None                                          # unused parameters get zeros
+    want = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+    sizes = []
+
+    def all_reduce(t, op=None):
+        sizes.append(t.numel())
+        t.mul_(2)                                                       # the sum over two equal ranks
+    monkeypatch.setattr(appo, "distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    assert appo.sync_gradients(model, True, 5) is True
+    assert sizes == [2, sum(p.numel() for p in model.parameters())]
+    assert all(torch.equal(p.grad, w) for p, w in zip(model.parameters(), want))
+    sizes.clear()
+    assert appo.sync_gradients(model, True, 5, bucket_bytes=1000) is True  # 250 floats: 3 layers a bucket
+    assert sizes[0] == 2 and len(sizes) == 1 + 10 and sum(sizes[1:]) == 30 * 72
+    assert all(torch.equal(p.grad, w) for p, w in zip(model.parameters(), want))
+    assert appo.sync_gradients(model, False, 5) is False                # any rank's bad loss skips the step
+
+
 def test_core_resume_loads_the_trainer_state_onto_this_ranks_device(tmp_path, monkeypatch):
     """torch.load gets a map_location: what rank 0 saved from its GPU lands on this rank's device
     (not on cuda:0 for every rank), CPU tensors (RNG, AdamW step counts) stay on the CPU."""
