@@ -277,8 +277,9 @@ def scoring_phases(s, shape, micro, context, chunk, base):
             "rescoring pi_old": {**base, "forward (no grad)": forward, "logit chunk (no grad)": logits}}
 
 
-def update_phases(s, shape, micro, context, chunk, checkpointing, foreach, world, base):
-    """ppo_update: a micro-batch's forward, its backward, the optimizer step."""
+def update_phases(s, shape, micro, context, chunk, checkpointing, foreach, world, accumulate, base):
+    """ppo_update: a micro-batch's forward, its backward (with the gradients of the mini-batch's earlier
+    micro-batches when it has several: `accumulate`), the optimizer step."""
     saved_layer, _ = layer_bytes(shape, s.e, masked=micro > 1)
     tokens = micro * context
     saved = s.layers * (4 * s.d if checkpointing else saved_layer) * tokens + 8 * s.d * tokens  # + final norm
@@ -292,14 +293,15 @@ def update_phases(s, shape, micro, context, chunk, checkpointing, foreach, world
         "update, backward": {**persistent, "saved activations": saved,
                              "saved bf16 weights": 0 if checkpointing else cache,
                              "logit chunk backward": 20 * chunk * s.vocab + head_cast,
-                             "head gradient": 4 * s.vocab * s.d, "hidden-state gradient": 4 * s.d * tokens},
+                             "gradients (float32)": 4 * s.n if accumulate else 4 * s.vocab * s.d,  # or head's
+                             "hidden-state gradient": 4 * s.d * tokens},
         "optimizer step": {**persistent, "gradients (float32)": 4 * s.n,
                            "foreach AdamW temporary": 4 * s.n if foreach else 0,
                            "gradient sync bucket": 2 * GRAD_BUCKET if world > 1 else 0}}
 
 
 def memory_plan(shape, rows, context, micro=1, chunk=1024, *, dtype="bfloat16", checkpointing=True,
-                prefixes=None, wait=0, world=1, foreach=True):
+                prefixes=None, wait=0, world=1, foreach=True, accumulate=True):
     """Accelerator bytes appo.py allocates in each phase of an RL step -> {phase: {component: bytes}};
     a phase's total is the sum of its components, the step's peak the largest total (plan_peak).
 
@@ -307,14 +309,15 @@ def memory_plan(shape, rows, context, micro=1, chunk=1024, *, dtype="bfloat16", 
     (--gen_batch_size); `prefixes` of them are prefilled in one forward (a branch round prefills
     each parent once, rows / B; default rows // 3); `wait`: extra KV-cache columns held while rows
     wait for slower rows' tool calls (0 when nothing calls a tool); micro: --micro_batch_size,
-    chunk: --logit_chunk; foreach: AdamW's default on CUDA. Steady state from the second step on:
+    chunk: --logit_chunk; foreach: AdamW's default on CUDA; accumulate: a mini-batch has more rows than
+    a micro-batch (its gradients then add up over micro-batches). Steady state from the second step on:
     AdamW's moments exist, also while generating. Phases:
       generation, prefill   a no-grad forward over prefixes x context tokens and its padding mask
       generation, decode    the KV cache (K float32 under autocast), its growth copy, the sampler
       scoring               the float32 anchor on the device (on_device) and a micro-batch forward
       rescoring pi_old      a no-grad forward of a micro-batch before the update
       update, forward       saved activations, the forward's bf16 weight cache, a logit chunk
-      update, backward      a logit chunk's recompute and backward, the head's gradient
+      update, backward      a logit chunk's recompute and backward, the gradients so far
       optimizer step        float32 gradients and foreach AdamW's temporary (a copy of sqrt(v))
     Not counted: the CUDA context and cuBLAS/NCCL workspaces (outside the allocator), fragmentation
     (rows of different lengths leave holes; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lets
@@ -326,7 +329,7 @@ def memory_plan(shape, rows, context, micro=1, chunk=1024, *, dtype="bfloat16", 
     prefixes = max(1, rows // 3) if prefixes is None else prefixes
     return {**generation_phases(s, shape, rows, context, prefixes, wait, base),
             **scoring_phases(s, shape, micro, context, chunk, base),
-            **update_phases(s, shape, micro, context, chunk, checkpointing, foreach, world, base)}
+            **update_phases(s, shape, micro, context, chunk, checkpointing, foreach, world, accumulate, base)}
 
 
 def plan_peak(plan):

@@ -1505,6 +1505,9 @@ def test_core_gpu_plan_counts_every_phase_and_component_and_grows_with_rows_and_
     assert longer["generation, prefill"][prefill] > 2 * plan["generation, prefill"][prefill]   # the mask: S^2
     fp32 = bench.memory_plan(QWEN05, rows=64, context=4352, dtype="float32")
     assert fp32["generation, decode"]["KV cache"] == kv * 8 // 6 and fp32["scoring"][cache] == 0
+    assert plan["update, backward"]["gradients (float32)"] == 4 * n          # earlier micro-batches' gradients
+    one = bench.memory_plan(QWEN05, rows=64, context=4352, accumulate=False)["update, backward"]
+    assert one["gradients (float32)"] == 4 * 151936 * 896                    # a lone micro-batch: the head's so far
     two = bench.memory_plan(QWEN05, rows=64, context=4352, world=2)["optimizer step"]["gradient sync bucket"]
     assert two > 0 and plan["optimizer step"]["gradient sync bucket"] == 0
 
@@ -1579,7 +1582,7 @@ def test_core_gpu_plan_update_matches_the_measured_peak_on_cpu(dtype, checkpoint
     update()                                                    # AdamW's moments exist from here on
     measured = cpu_peak(update)
     plan = bench.memory_plan(shape, 2, 224, micro, 256, dtype=dtype, checkpointing=checkpointing,
-                             foreach=False)
+                             foreach=False, accumulate=micro < 2)
     kept = 12 * bench.param_counts(shape)[0]                    # weights and moments, there before
     planned = max(sum(v.values()) for k, v in plan.items() if k.startswith(("update", "optimizer"))) - kept
     assert 0.85 <= measured / planned <= 1.15, (measured, planned)
