@@ -38,6 +38,7 @@ import time
 from collections import Counter
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,11 @@ class Config:
     """'auto' picks cuda, then mps, then cpu."""
     resume: bool = False
     """Continue from the last checkpoint in out_dir (RL only; the toy world and SFT are cached)."""
+    dist_timeout: float = 30.0
+    """torchrun: minutes a rank waits in a collective for the others (while rank 0 writes a checkpoint,
+    say) before the run stops with an error; NCCL's own default is 10. The cold-start SFT and the toy
+    world are built before the process group exists, and evaluation is split over the ranks, so no
+    rank waits in a collective for hours of rank 0's work."""
 
     # --- model and data ---
     model: str = ""
@@ -322,6 +328,7 @@ def parse_config(argv):
         (cfg.ppo_epochs >= 1 and cfg.save_every >= 1, "--ppo_epochs and --save_every must be >= 1"),
         (cfg.half_life > 0 and cfg.dual_clip > 1, "--half_life must be > 0 and --dual_clip > 1"),
         (0 <= cfg.clip_low < 1 and cfg.clip_high >= 0, "need 0 <= --clip_low < 1 and --clip_high >= 0"),
+        (cfg.dist_timeout > 0, "--dist_timeout must be > 0 (minutes)"),
         (cfg.max_tool_calls >= 0 and cfg.tool_timeout > 0,
          "--max_tool_calls must be >= 0, --tool_timeout > 0"),
         (cfg.eval_limit >= 0 and cfg.sft_steps >= 0 and cfg.sft_epochs >= 0 and cfg.sft_batch_size >= 1,
@@ -1819,14 +1826,67 @@ def pick_device(name):
     return torch.device("cpu")
 
 
-def init_distributed():
-    """torchrun sets WORLD_SIZE > 1: join the process group (nccl on GPUs, gloo on CPUs) -> (rank,
-    world). A plain `python appo.py` returns (0, 1) and makes no torch.distributed call."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+def launched():
+    """(rank, world) this process was started as, read from torchrun's environment before any process
+    group exists: (0, 1) for a plain `python appo.py`."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def under_torchrun():
+    """True when a launcher started this process as a rank (a 1-process torchrun included, so that
+    the NCCL path can be tried on one GPU)."""
+    return launched()[1] > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def launch_store(timeout_min):
+    """torchrun's key-value store (TCPStore), joined before the process group, or None in a plain
+    process: ranks wait there for rank 0's one-off work, which no collective timeout then limits."""
+    if not under_torchrun():
+        return None
+    rank, world = launched()
+    store, _, _ = next(torch.distributed.rendezvous("env://", rank, world,
+                                                    timeout=timedelta(minutes=timeout_min)))
+    return store
+
+
+RANK0_DONE = "appo/rank0_done"
+
+
+def rank0_first(fn, rank, store):
+    """fn() on rank 0, then on the other ranks once it returned (they read what it cached: the toy
+    world, the SFT checkpoint). They wait on the store, not in a collective, so a cold-start SFT of
+    any length cannot time them out; if rank 0 fails, torchrun stops them."""
+    if store is None:
+        return fn()
+    if rank == 0:
+        out = fn()
+        store.set(RANK0_DONE, "1")
+        return out
+    store.wait([RANK0_DONE], timedelta(days=30))
+    return fn()
+
+
+def init_distributed(device=None, timeout_min=30.0, store=None):
+    """Under torchrun join the process group -> (rank, world): nccl on this rank's GPU (LOCAL_RANK,
+    made the current device first: all_gather_object and NCCL put their buffers on the current
+    device, which is GPU 0 on every rank otherwise), gloo when the run's device is the CPU. `store`:
+    the one launch_store joined (rank 0 may host it, so it cannot be made twice). A plain
+    `python appo.py` returns (0, 1) and makes no torch.distributed call."""
+    if not under_torchrun():
         return 0, 1
     import torch.distributed as dist
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        device = device or pick_device("auto")
+        rank, world = launched()
+        kw = {"timeout": timedelta(minutes=timeout_min)}
+        if store is not None:
+            kw.update(store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world)
+        if device.type == "cuda":
+            index = int(os.environ.get("LOCAL_RANK", "0")) if device.index is None else device.index
+            torch.cuda.set_device(index)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", index), **kw)
+        else:
+            dist.init_process_group("gloo", **kw)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -1834,23 +1894,57 @@ def distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def sync_gradients(model, finite, n_local):
+GRAD_BUCKET_BYTES = 32 * 2 ** 20
+
+
+def grad_buckets(params, limit=GRAD_BUCKET_BYTES):
+    """Consecutive parameters of one dtype and device, up to `limit` bytes of gradient each (a
+    parameter larger than the limit is a bucket alone)."""
+    buckets, size = [], 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        last = buckets[-1][-1] if buckets else None
+        if last is None or size + nbytes > limit or (p.dtype, p.device) != (last.dtype, last.device):
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += nbytes
+    return buckets
+
+
+def sync_gradients(model, finite, n_local, bucket_bytes=GRAD_BUCKET_BYTES):
     """Data parallel: turn each rank's gradient of its own rollout mean into the gradient of the mean
     over every rank's rollouts (each weighted by its n_local rows; what DistributedDataParallel does
     for equal shares, written out because the chunked log-prob path calls the model's layers, not a
-    wrapped forward), and agree on whether every rank's loss was finite. One process: nothing to do."""
+    wrapped forward), and agree on whether every rank's loss was finite. Gradients travel flattened
+    in buckets of ~32 MB: one all-reduce per bucket and one host sync in all, instead of one of each
+    per parameter (~290 for a 0.5B model). One process: nothing to do."""
     if not distributed():
         return finite
     dist, device = torch.distributed, next(model.parameters()).device
-    ok, n = torch.tensor([float(finite)], device=device), torch.tensor([float(n_local)], device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    dist.all_reduce(n)
-    for p in model.parameters():
-        if p.grad is None:
+    head = torch.tensor([float(not finite), float(n_local)], device=device)
+    dist.all_reduce(head)                                            # ranks with a bad loss, rows in all
+    bad, n = head.tolist()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:                                           # unused here, maybe not elsewhere
             p.grad = torch.zeros_like(p)
-        p.grad *= n_local / n.item()
-        dist.all_reduce(p.grad)
-    return bool(ok.item())
+    for bucket in grad_buckets(params, bucket_bytes):
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        flat *= n_local / n
+        dist.all_reduce(flat)
+        offset = 0
+        for p in bucket:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+    return bad == 0
+
+
+def rank_world():
+    """(rank, world) in the joined process group; (0, 1) without one."""
+    if not distributed():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
 def gather(obj):
@@ -2018,6 +2112,14 @@ def save_hf(model, tokenizer, path, extra=None):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def load_onto(device):
+    """torch.load's map_location for a trainer state: what was saved from an accelerator (AdamW's
+    moments, from rank 0's GPU) comes back on `device`, this rank's, instead of on the GPU it was
+    saved from (without it every rank puts a copy on cuda:0); CPU tensors (RNG states, AdamW's step
+    counts) stay on the CPU, where set_rng_state and AdamW expect them."""
+    return lambda storage, location: storage if location == "cpu" else storage.to(device=device)
+
+
 def find_checkpoint(path):
     for p in (path, path + ".old"):
         if os.path.exists(os.path.join(p, "trainer_state.pt")):
@@ -2067,12 +2169,28 @@ def answer_metrics(examples, rollouts, k=1):
 
 def evaluate(model, tokenizer, examples, cfg, box, desc="eval", samples=1):
     """The tool agent on `examples` -> answer_metrics: greedy (samples=1, pass@1) or `samples`
-    answers per question at the training temperature (pass@k)."""
+    answers per question at the training temperature (pass@k). Under torchrun each rank answers
+    every world-th question and every rank gets the metrics of all of them: no rank idles in a
+    collective while one evaluates alone, and N GPUs evaluate N times as fast."""
+    rank, world = rank_world()
+    mine = list(range(rank, len(examples), world))
+    rollouts = answer(model, tokenizer, [examples[i] for i in mine], cfg, box, desc, samples)
+    for r in rollouts:
+        r.example = mine[r.example]
+    if world > 1:                                      # what answer_metrics reads, not per-token lists
+        light = [dataclasses.replace(r, tokens=[], logp=[], entropy=[], signals={}) for r in rollouts]
+        rollouts = sorted((r for part in gather(light) for r in part), key=lambda r: r.example)
+    return answer_metrics(examples, rollouts, samples)
+
+
+def answer(model, tokenizer, examples, cfg, box, desc, samples):
+    """`samples` answers per example in gen_batch_size batches; rollout i * samples + j is sample j of
+    examples[i] (its `example`)."""
     model.eval()
     sampling = sampling_of(cfg, greedy=samples == 1)
     device = next(model.parameters()).device
     prompts = [example_prompt(tokenizer, e, cfg) for e in examples for _ in range(samples)]
-    rollouts, bar = [], progress(total=len(prompts), desc=desc)
+    rollouts, bar = [], progress(total=len(prompts), desc=desc, disable=rank_world()[0] > 0)
     for i in range(0, len(prompts), cfg.gen_batch_size):
         with autocast(device, cfg.dtype):
             part = run_agent(model, tokenizer, prompts[i:i + cfg.gen_batch_size], sampling, box)
@@ -2081,7 +2199,7 @@ def evaluate(model, tokenizer, examples, cfg, box, desc="eval", samples=1):
         rollouts += part
         bar.update(len(part))
     bar.close()
-    return answer_metrics(examples, rollouts, samples)
+    return rollouts
 
 
 def frozen_copy(model):
@@ -2100,9 +2218,9 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())                   # RNG states must be CPU byte tensors
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2238,7 +2356,8 @@ def start_run(cfg, recipe, model_path, rank=0, world=1):
     run = Run(cfg, recipe, model, tokenizer, optimizer, anchor, ref,
               tools.toolbox(search_backend=make_search(cfg), timeout=cfg.tool_timeout), rank=rank)
     if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False,
+                           map_location=load_onto(next(model.parameters()).device))
         run.optimizer.load_state_dict(state["optimizer"])
         if state.get("anchor") is not None:
             run.anchor.load_state_dict(state["anchor"])
@@ -2314,33 +2433,32 @@ def step_batch(train, cfg, step):
 
 
 def evaluate_sft(run, val, test):
-    """The starting checkpoint: greedy accuracy on test, pass@k on validation."""
+    """The starting checkpoint: greedy accuracy on test, pass@k on validation (rank 0 prints)."""
     m, tok, cfg = run.model, run.tokenizer, run.cfg
     before = {"test": evaluate(m, tok, test, cfg, run.box, "test, before RL") if test else {},
               "val": evaluate(m, tok, val, cfg, run.box, f"val pass@{cfg.pass_k}", cfg.pass_k)
               if val and cfg.pass_k > 1 else {}}
-    print(f"before RL: test accuracy {before['test'].get('acc', float('nan')):.3f}, "
-          f"val pass@{cfg.pass_k} {before['val'].get(f'pass@{cfg.pass_k}', float('nan')):.3f}")
+    if run.rank == 0:
+        print(f"before RL: test accuracy {before['test'].get('acc', float('nan')):.3f}, "
+              f"val pass@{cfg.pass_k} {before['val'].get(f'pass@{cfg.pass_k}', float('nan')):.3f}")
     return before
 
 
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    rank, world = init_distributed()                            # (0, 1) unless torchrun
+    rank, world = launched()                                    # (0, 1) unless torchrun
     if cfg.prompts_per_step % world or cfg.mini_batch_prompts % world:
         stop("appo.py", f"--prompts_per_step and --mini_batch_prompts must be multiples of the {world} processes")
     recipe, local = resolve(cfg), dataclasses.replace(cfg, mini_batch_prompts=cfg.mini_batch_prompts // world)
     seed_everything(cfg.seed)
     t_start = time.time()
-    if rank:
-        barrier()                                               # rank 0 builds the toy world first
-    model_path, train, val, test = load_data(cfg)              # the toy world unless --model
-    if not rank:
-        barrier()
+    store = launch_store(cfg.dist_timeout)
+    model_path, train, val, test = rank0_first(lambda: load_data(cfg), rank, store)   # toy world, SFT
+    init_distributed(pick_device(cfg.device), cfg.dist_timeout, store)
     run = start_run(cfg, recipe, model_path, rank, world)
     model, tokenizer, device = run.model, run.tokenizer, next(run.model.parameters()).device
     content_ids, reporter = content_token_mask(tokenizer), make_reporter(cfg) if rank == 0 else None
-    run.before = run.before or (evaluate_sft(run, val, test) if rank == 0 else {})
+    run.before = run.before or evaluate_sft(run, val, test)    # every rank answers its share
     for step in range(run.start + 1, cfg.steps + 1):
         batch = step_batch(train, cfg, step)[rank::world]       # whole prompts per rank: Eq. 6 groups stay whole
         ##### rollout tree (spec section 2; Eqs. 3-5 choose the branch points) #####
@@ -2372,10 +2490,10 @@ def main(argv=None):
         log_step(run, step, batch, rollouts, tree, update,
                  {"rollout": t1 - t0, "reward": t2 - t1, "update": time.time() - t2}, reporter)
     ##### final evaluation #####
+    after = evaluate(model, tokenizer, test, cfg, run.box, "test, after RL") if test else {}
     if rank > 0:
         return barrier()
     save_hf(model, tokenizer, os.path.join(cfg.out_dir, "final"))
-    after = evaluate(model, tokenizer, test, cfg, run.box, "test, after RL") if test else {}
     summary = write_summary(cfg, run.before, after, run.metrics_path, time.time() - t_start)
     barrier()
     return summary

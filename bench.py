@@ -7,11 +7,13 @@
     python bench.py speed_model DIR        # the 3.2M Qwen2-architecture model of the step-time table
     python bench.py speed_data DIR         # its prompts: JSONL for appo.py, the same for TRL
     python bench.py trl MODEL_DIR DATA     # TRL GRPOTrainer's step time (run inside a venv with trl)
-    python bench.py gpu_plan               # GPU memory of Qwen2.5-0.5B / 1.5B as appo.py allocates it
+    python bench.py gpu_plan               # GPU memory of Qwen2.5-0.5B / 1.5B, phase by phase, as appo.py
+                                           # allocates it (ROWS CONTEXT MICRO CHUNK WAIT CHECKPOINTING)
 
 Each benchmark runs in this process and prints one line; run it in a fresh process so the
 peak (ru_maxrss) belongs to it alone.
 """
+import dataclasses
 import json
 import os
 import resource
@@ -183,30 +185,185 @@ QWEN25 = {   # the published config.json values of Qwen2.5-{0.5B,1.5B}-Instruct 
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)}
 
 
-def gpu_plan(rows="64", context="4352", micro="1", chunk="1024"):
-    """GPU memory appo.py needs for Qwen2.5-0.5B and 1.5B, from what the code allocates: float32
-    master weights, float32 gradients and AdamW's two float32 moments (16 bytes per parameter in
-    the update); bf16 KV cache while `rows` sequences of `context` tokens are generated (autocast);
-    one logit chunk of `chunk` tokens in float32, about 3 vocabulary-sized tensors at its peak
-    (logits, log-sum-exp temporary, gradient); the anchor and reference stay on the CPU. Parameter
-    counts are exact (the model is built on the meta device); activations of the micro-batch
-    forward are left out (with --gradient_checkpointing they are a layer's input per layer)."""
+def param_counts(shape):
+    """(all parameters, those autocast copies to bf16) of a Qwen2-shaped config, exact: the model is
+    built on the meta device. Autocast casts the weight and bias of every nn.Linear (with tied
+    embeddings the output head is the embedding matrix, which the input lookup reads in float32)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    rows, context, micro, chunk = int(rows), int(context), int(micro), int(chunk)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(**shape))
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    cast = {id(p): p.numel() for m in linear for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters()), sum(cast.values())
+
+
+def layer_bytes(shape, e, masked):
+    """Bytes per token of one decoder layer -> (saved for backward without checkpointing, peak of a
+    no-grad forward). e: element size of the forward (2 under bf16 autocast, 4 in float32). The
+    residual stream is float32 either way (float32 embeddings and norm weights promote it), so norms
+    save 4-byte tensors; under autocast each nn.Linear saves its own bf16 copy of its input. With a
+    padding mask (micro-batches of rows of unequal length) transformers repeats K and V to every head
+    (and attention saves the mask in the forward's dtype, per layer: memory_plan adds it). Counted
+    tensor by tensor and checked against the tensors autograd saves (a test, CPU, bf16 and fp32)."""
+    d, inter, heads = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"]
+    kv = d if masked else shape["num_key_value_heads"] * d // heads
+    if e == 2:     # x, n1, 3 q/k/v input casts, q, out, h, n2, 2 gate/up casts; k, v; MLP; lse; rsqrt
+        saved = 30 * d + 4 * kv + 8 * inter + 4 * heads + 8
+    else:          # x, n1, h, n2, 3 more d-wide (o_proj input among them), q; k, v; MLP; lse; rsqrt
+        saved = 32 * d + 8 * kv + 16 * inter + 4 * heads + 8
+    no_grad = max(18 * d + 3 * e * inter, 30 * d + e * inter) + (6 * d if masked else 0)
+    return saved, no_grad
+
+
+def kv_bytes_per_token(shape, e):
+    """KV cache bytes per token of one row, all layers. Under bf16 autocast K is float32 (RoPE's
+    float32 cos/sin promote it) and V bf16; in float32 both are float32."""
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    return shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * (4 + e)
+
+
+GRAD_BUCKET = 32 * 2 ** 20          # appo.GRAD_BUCKET_BYTES (not imported: appo pulls in the tools)
+
+
+@dataclasses.dataclass
+class Shapes:
+    """What memory_plan needs to know about a model and a run, in bytes and tokens."""
+    n: int                      # parameters
+    n_cast: int                 # parameters autocast copies to bf16
+    d: int                      # hidden size
+    vocab: int
+    layers: int
+    e: int                      # element size of the forward: 2 under bf16 autocast, 4 in float32
+    kv_token: int               # KV cache bytes per token of one row
+
+
+def shapes_of(shape, dtype):
+    n, n_cast = param_counts(shape)
+    e = 2 if dtype == "bfloat16" else 4
+    return Shapes(n, n_cast, shape["hidden_size"], shape["vocab_size"], shape["num_hidden_layers"], e,
+                  kv_bytes_per_token(shape, e))
+
+
+def mask_bytes(s, rows, width, saved_per_layer=False):
+    """A padding mask of rows x width x width: the bool one transformers builds and the one in the
+    forward's dtype attention makes of it (saved per layer for backward when `saved_per_layer`)."""
+    if rows <= 1:
+        return 0
+    return (s.layers * s.e if saved_per_layer else 1 + s.e) * rows * width * width
+
+
+def generation_phases(s, shape, rows, context, prefixes, wait, base):
+    """The agent loop: a prefill forward over `prefixes` contexts, then decoding `rows` rows."""
+    _, no_grad = layer_bytes(shape, s.e, masked=prefixes > 1)
+    cols = context + wait
+    return {
+        "generation, prefill": {**base, "prefill activations": no_grad * prefixes * context
+                                + mask_bytes(s, prefixes, context),
+                                "prefix KV cache": s.kv_token * prefixes * context},
+        "generation, decode": {**base, "KV cache": s.kv_token * rows * cols,
+                               "KV growth copy (one layer)": s.kv_token * rows * cols // s.layers,
+                               "sampler logits": 5 * 4 * rows * s.vocab}}
+
+
+def scoring_phases(s, shape, micro, context, chunk, base):
+    """No-grad forwards of a micro-batch: the anchor's (moved to the device) and pi_old's."""
+    _, no_grad = layer_bytes(shape, s.e, masked=micro > 1)
+    tokens = micro * context
+    forward = no_grad * tokens + 8 * s.d * tokens + mask_bytes(s, micro, context)
+    logits = 8 * chunk * s.vocab
+    anchor_head = 2 * s.vocab * s.d if s.e == 2 else 0          # its casts are not cached (no grad)
+    return {"scoring": {**base, "anchor (float32 copy)": 4 * s.n, "forward (no grad)": forward,
+                        "logit chunk (no grad)": logits + anchor_head},
+            "rescoring pi_old": {**base, "forward (no grad)": forward, "logit chunk (no grad)": logits}}
+
+
+def update_phases(s, shape, micro, context, chunk, checkpointing, foreach, world, accumulate, base):
+    """ppo_update: a micro-batch's forward, its backward (with the gradients of the mini-batch's earlier
+    micro-batches when it has several: `accumulate`), the optimizer step."""
+    saved_layer, _ = layer_bytes(shape, s.e, masked=micro > 1)
+    tokens = micro * context
+    saved = s.layers * (4 * s.d if checkpointing else saved_layer) * tokens + 8 * s.d * tokens  # + final norm
+    if not checkpointing:
+        saved += mask_bytes(s, micro, context, saved_per_layer=True)
+    cache = base.get("bf16 weight cache (autocast)", 0)
+    persistent = {k: v for k, v in base.items() if k != "bf16 weight cache (autocast)"}
+    head_cast = 2 * s.vocab * s.d if s.e == 2 else 0
+    return {
+        "update, forward": {**base, "saved activations": saved, "logit chunk (no grad)": 8 * chunk * s.vocab},
+        "update, backward": {**persistent, "saved activations": saved,
+                             "saved bf16 weights": 0 if checkpointing else cache,
+                             "logit chunk backward": 20 * chunk * s.vocab + head_cast,
+                             "gradients (float32)": 4 * s.n if accumulate else 4 * s.vocab * s.d,  # or head's
+                             "hidden-state gradient": 4 * s.d * tokens},
+        "optimizer step": {**persistent, "gradients (float32)": 4 * s.n,
+                           "foreach AdamW temporary": 4 * s.n if foreach else 0,
+                           "gradient sync bucket": 2 * GRAD_BUCKET if world > 1 else 0}}
+
+
+def memory_plan(shape, rows, context, micro=1, chunk=1024, *, dtype="bfloat16", checkpointing=True,
+                prefixes=None, wait=0, world=1, foreach=True, accumulate=True):
+    """Accelerator bytes appo.py allocates in each phase of an RL step -> {phase: {component: bytes}};
+    a phase's total is the sum of its components, the step's peak the largest total (plan_peak).
+
+    `rows` sequences of up to `context` tokens (prompt + response) are generated together
+    (--gen_batch_size); `prefixes` of them are prefilled in one forward (a branch round prefills
+    each parent once, rows / B; default rows // 3); `wait`: extra KV-cache columns held while rows
+    wait for slower rows' tool calls (0 when nothing calls a tool); micro: --micro_batch_size,
+    chunk: --logit_chunk; foreach: AdamW's default on CUDA; accumulate: a mini-batch has more rows than
+    a micro-batch (its gradients then add up over micro-batches). Steady state from the second step on:
+    AdamW's moments exist, also while generating. Phases:
+      generation, prefill   a no-grad forward over prefixes x context tokens and its padding mask
+      generation, decode    the KV cache (K float32 under autocast), its growth copy, the sampler
+      scoring               the float32 anchor on the device (on_device) and a micro-batch forward
+      rescoring pi_old      a no-grad forward of a micro-batch before the update
+      update, forward       saved activations, the forward's bf16 weight cache, a logit chunk
+      update, backward      a logit chunk's recompute and backward, the gradients so far
+      optimizer step        float32 gradients and foreach AdamW's temporary (a copy of sqrt(v))
+    Not counted: the CUDA context and cuBLAS/NCCL workspaces (outside the allocator), fragmentation
+    (rows of different lengths leave holes; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lets
+    the allocator reuse them), the cold-start SFT (whole --sft_batch_size batches, no micro-batches)."""
+    s = shapes_of(shape, dtype)
+    base = {"weights (float32 master)": 4 * s.n, "AdamW moments": 8 * s.n,
+            "bf16 weight cache (autocast)": 2 * s.n_cast if s.e == 2 else 0}
+    chunk = min(chunk, micro * context)                         # a chunk is at most the micro-batch
+    prefixes = max(1, rows // 3) if prefixes is None else prefixes
+    return {**generation_phases(s, shape, rows, context, prefixes, wait, base),
+            **scoring_phases(s, shape, micro, context, chunk, base),
+            **update_phases(s, shape, micro, context, chunk, checkpointing, foreach, world, accumulate, base)}
+
+
+def plan_peak(plan):
+    """(phase, bytes) of the largest phase."""
+    return max(((phase, sum(parts.values())) for phase, parts in plan.items()), key=lambda x: x[1])
+
+
+def print_plan(name, plan):
+    """One block per model: each phase's total and its components in GiB, then the peak."""
     gib = 2 ** 30
+    print(f"{name}:")
+    for phase, parts in plan.items():
+        items = ", ".join(f"{k} {v / gib:.2f}" for k, v in parts.items() if v)
+        print(f"  {phase:<20} {sum(parts.values()) / gib:6.2f} GiB = {items}")
+    phase, peak = plan_peak(plan)
+    print(f"  peak: {peak / gib:.2f} GiB ({phase}), plus the CUDA context and fragmentation")
+
+
+ALLOC_ADVICE = ("Run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: rows of different lengths and a "
+                "KV cache grown by torch.cat leave holes the default allocator cannot reuse; expandable "
+                "segments let it. Over budget: lower --gen_batch_size (KV cache, prefill), --logit_chunk "
+                "(logit chunks), --micro_batch_size, or set --gradient_checkpointing=True (activations).")
+
+
+def gpu_plan(rows="64", context="4352", micro="1", chunk="1024", wait="0", checkpointing="1"):
+    """GPU memory appo.py needs for Qwen2.5-0.5B and 1.5B, phase by phase (memory_plan: what the code
+    allocates, tensor by tensor; parameter counts exact). gpu_check compares the same function with
+    torch.cuda.max_memory_allocated on a device. Defaults: the README's one-GPU command (64 rows of
+    256 prompt + 4,096 response tokens, micro-batch 1, gradient checkpointing)."""
+    rows, context, micro, chunk, wait = map(int, (rows, context, micro, chunk, wait))
     for name, shape in QWEN25.items():
-        config = Qwen2Config(**shape)
-        with torch.device("meta"):
-            params = sum(p.numel() for p in Qwen2ForCausalLM(config).parameters())
-        head_dim = config.hidden_size // config.num_attention_heads
-        kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2 * rows * context   # bf16 K, V
-        logits = 3 * chunk * config.vocab_size * 4
-        checkpoints = config.num_hidden_layers * micro * context * config.hidden_size * 2              # bf16 inputs
-        update = 16 * params + logits + checkpoints
-        print(f"{name}: {params / 1e9:.2f}B parameters. Generation: weights {4 * params / gib:.1f} GiB + KV cache "
-              f"{kv / gib:.1f} GiB ({rows} x {context} tokens) = {(4 * params + kv) / gib:.1f} GiB. Update: weights + "
-              f"grads + AdamW {16 * params / gib:.1f} GiB + logit chunk {logits / gib:.1f} GiB + layer inputs "
-              f"{checkpoints / gib:.2f} GiB (micro-batch {micro}) = {update / gib:.1f} GiB")
+        print_plan(name, memory_plan(shape, rows, context, micro, chunk, wait=wait,
+                                     checkpointing=checkpointing not in ("0", "False", "false")))
+    print(ALLOC_ADVICE)
 
 
 # Every algorithm and ablation of the comparison, as appo.py settings; all at the same budget M.

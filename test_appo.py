@@ -1729,6 +1729,276 @@ def test_core_combine_ranks_sums_counts_averages_rates_takes_slowest_time():
                                           "reward/mean": 0.375, "time/update_s": 4.0}
 
 
+def test_script_torchrun_ranks_outwait_a_cold_start_longer_than_the_timeout(tmp_path):
+    """Rank 0 builds the toy world and runs the cold-start SFT (~30 s here) while rank 1 waits on the
+    launcher's store; with a 15-second --dist_timeout, waiting in a collective (a barrier) would fail."""
+    import re
+    res = torchrun(os.path.join(HERE, "appo.py"), f"--out_dir={tmp_path}", *SMOKE, "--steps=1", "--pass_k=0",
+                   "--dist_timeout=0.25", timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m, s = re.findall(r"sft: 100%.*?\[(\d+):(\d+)<", res.stderr)[-1]
+    assert 60 * int(m) + int(s) > 15, res.stderr[-2000:]              # longer than the collective timeout
+    assert res.stdout.count("step 1/1") == 1 and os.path.exists(tmp_path / "summary.json")
+
+
+def fake_group(monkeypatch, rank, world, local_rank):
+    """torchrun's environment for one rank, with the process-group calls recorded instead of made."""
+    for k, v in {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": local_rank}.items():
+        monkeypatch.setenv(k, str(v))
+    calls = {"set_device": [], "init": []}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls["set_device"].append(d))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda *a, **k: calls["init"].append((a, k)))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a: rank)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: world)
+    return calls
+
+
+def test_core_init_distributed_puts_each_rank_on_its_own_gpu(monkeypatch):
+    """nccl: LOCAL_RANK's GPU becomes the current device (all_gather_object's buffers go there, not
+    to GPU 0 on every rank) and is the group's device_id; the group gets --dist_timeout."""
+    calls = fake_group(monkeypatch, rank=3, world=4, local_rank=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert appo.pick_device("auto") == torch.device("cuda", 1)
+    assert appo.init_distributed() == (3, 4)
+    assert calls["set_device"] == [1]
+    (args, kw), = calls["init"]
+    assert args == ("nccl",) and kw["device_id"] == torch.device("cuda", 1)
+    calls["init"].clear()
+    appo.init_distributed(torch.device("cuda"), timeout_min=45)             # --device=cuda: the same GPU
+    assert calls["set_device"] == [1, 1] and calls["init"][0][1]["timeout"].total_seconds() == 45 * 60
+
+
+def test_core_init_distributed_on_cpu_is_gloo_without_a_gpu(monkeypatch):
+    calls = fake_group(monkeypatch, rank=1, world=2, local_rank=1)
+    assert appo.init_distributed(torch.device("cpu")) == (1, 2)
+    (args, kw), = calls["init"]
+    assert args == ("gloo",) and "device_id" not in kw and calls["set_device"] == []
+
+
+class FakeStore:
+    """The launcher's key-value store as rank0_first uses it, with the order of events recorded."""
+    def __init__(self, log):
+        self.log, self.keys = log, set()
+
+    def set(self, key, value):
+        self.log.append(("set", key))
+        self.keys.add(key)
+
+    def wait(self, keys, timeout):
+        self.log.append(("wait", tuple(keys), timeout.total_seconds()))
+
+
+def test_core_ranks_wait_for_rank0s_cold_start_on_the_store_not_in_a_collective(monkeypatch):
+    """Rank 0 builds (toy world, SFT) first, the others then read its cache; they wait on the store
+    with no practical limit, and no collective is issued (none exists yet)."""
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: pytest.fail("a collective"))
+    log = []
+    assert appo.rank0_first(lambda: log.append("work") or "data", 0, FakeStore(log)) == "data"
+    assert log == ["work", ("set", appo.RANK0_DONE)]
+    log.clear()
+    assert appo.rank0_first(lambda: log.append("work") or "data", 1, FakeStore(log)) == "data"
+    assert log[0][:2] == ("wait", (appo.RANK0_DONE,)) and log[0][2] >= 7 * 24 * 3600 and log[1] == "work"
+    assert appo.rank0_first(lambda: "alone", 0, None) == "alone"            # a plain process
+
+
+def test_core_evaluation_is_split_over_ranks_and_gives_every_rank_all_metrics(monkeypatch):
+    """Rank r of 2 answers questions r, r + 2, ...; the gathered metrics equal one process's."""
+    examples = [{"question": f"q{i}", "answer": [str(i)], "kind": "math"} for i in range(5)]
+
+    def answer(model, tokenizer, exs, cfg, box, desc, samples):
+        return [appo.Rollout(example=i, prompt=[], tokens=[1, 2], mask=[1, 1], logp=[0.0, 0.0],
+                             text=f"<answer>\\boxed{{{ex['question'][1:] if j == 0 else 'x'}}}</answer>")
+                for i, ex in enumerate(exs) for j in range(samples)]
+    monkeypatch.setattr(appo, "answer", answer)
+    cfg = appo.Config(device="cpu")
+    alone = appo.evaluate(None, None, examples, cfg, None, samples=2)
+    shares = {r: answer(None, None, examples[r::2], cfg, None, "", 2) for r in (0, 1)}
+    for r, rollouts in shares.items():
+        for x in rollouts:
+            x.example = list(range(r, 5, 2))[x.example]
+    asked = []
+    monkeypatch.setattr(appo, "answer", lambda m, t, exs, *a: asked.append([e["question"] for e in exs])
+                        or answer(m, t, exs, *a))
+    monkeypatch.setattr(appo, "rank_world", lambda: (1, 2))
+    monkeypatch.setattr(appo, "gather", lambda mine: [shares[0], mine])
+    assert appo.evaluate(None, None, examples, cfg, None, samples=2) == alone
+    assert asked == [["q1", "q3"]] and alone["pass@2"] == 1.0 and alone["acc"] == 0.5
+
+
+def test_core_sync_gradients_all_reduces_a_few_buckets_not_each_parameter(monkeypatch):
+    """60 parameters: one all-reduce of (bad ranks, rows) and one per ~32 MB bucket, not 60 + 2; the
+    gradients come back in place (a fake second rank with the same gradient and rows: mean = own)."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(30)])
+    model(torch.ones(2, 8)).sum().backward()
+    model[3].bias.grad = None                                          # unused parameters get zeros
+    want = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+    sizes = []
+
+    def all_reduce(t, op=None):
+        sizes.append(t.numel())
+        t.mul_(2)                                                       # the sum over two equal ranks
+    monkeypatch.setattr(appo, "distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    assert appo.sync_gradients(model, True, 5) is True
+    assert sizes == [2, sum(p.numel() for p in model.parameters())]
+    assert all(torch.equal(p.grad, w) for p, w in zip(model.parameters(), want))
+    sizes.clear()
+    assert appo.sync_gradients(model, True, 5, bucket_bytes=1000) is True  # 250 floats: 3 layers a bucket
+    assert sizes[0] == 2 and len(sizes) == 1 + 10 and sum(sizes[1:]) == 30 * 72
+    assert all(torch.equal(p.grad, w) for p, w in zip(model.parameters(), want))
+    assert appo.sync_gradients(model, False, 5) is False                # any rank's bad loss skips the step
+
+
+def test_core_resume_loads_the_trainer_state_onto_this_ranks_device(tmp_path, monkeypatch):
+    """torch.load gets a map_location: what rank 0 saved from its GPU lands on this rank's device
+    (not on cuda:0 for every rank), CPU tensors (RNG, AdamW step counts) stay on the CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tokenizer = char_tokenizer(["Question: what is 6*7?\n"])
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+                     ).save_pretrained(tmp_path / "init")
+    tokenizer.save_pretrained(tmp_path / "init")
+    cfg = tiny_cfg(out_dir=str(tmp_path / "run"))
+    os.makedirs(cfg.out_dir)
+    run = appo.start_run(cfg, appo.resolve(cfg), str(tmp_path / "init"))
+    appo.save_checkpoint(run, 3)
+    seen, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("map_location")) or load(*a, **k))
+    resumed = appo.start_run(appo.dataclasses.replace(cfg, resume=True), appo.resolve(cfg), str(tmp_path / "init"))
+    assert resumed.start == 3 and len(seen) == 1 and callable(seen[0])
+    moved = []
+
+    class Storage:
+        def to(self, device):
+            moved.append(device)
+            return self
+    cpu = Storage()
+    assert seen[0](cpu, "cpu") is cpu and moved == []
+    seen[0](Storage(), "cuda:0")
+    assert moved == [next(resumed.model.parameters()).device]
+
+
+##### bench.py gpu_plan: the memory a GPU run allocates, phase by phase #####
+QWEN05 = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+          "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True}
+SMALL_QWEN = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 1000, "tie_word_embeddings": True}
+
+
+def test_core_gpu_plan_counts_every_phase_and_component_and_grows_with_rows_and_context():
+    import bench
+    plan = bench.memory_plan(QWEN05, rows=64, context=4352, micro=1, chunk=1024)
+    n, n_cast = bench.param_counts(QWEN05)
+    assert n == 494_032_768 and n_cast == 494_032_768 - 896 * (2 * 24 + 1)        # all but the norms
+    assert list(plan) == ["generation, prefill", "generation, decode", "scoring", "rescoring pi_old",
+                          "update, forward", "update, backward", "optimizer step"]
+    for phase, parts in plan.items():                          # AdamW's moments stay on the GPU throughout
+        assert parts["weights (float32 master)"] == 4 * n and parts["AdamW moments"] == 8 * n, phase
+    cache = "bf16 weight cache (autocast)"
+    assert plan["generation, decode"][cache] == plan["scoring"][cache] == 2 * n_cast
+    assert plan["scoring"]["anchor (float32 copy)"] == 4 * n
+    kv = 64 * 4352 * 24 * 2 * 64 * (4 + 2)                    # K float32 (RoPE promotes it), V bf16
+    assert plan["generation, decode"]["KV cache"] == kv
+    step = plan["optimizer step"]
+    assert step["foreach AdamW temporary"] == 4 * n == step["gradients (float32)"]
+    assert plan["rescoring pi_old"]["forward (no grad)"] > 0
+    phase, peak = bench.plan_peak(plan)
+    assert peak == max(sum(parts.values()) for parts in plan.values()) == sum(plan[phase].values())
+    more_rows = bench.memory_plan(QWEN05, rows=128, context=4352, micro=1, chunk=1024)
+    assert more_rows["generation, decode"]["KV cache"] == 2 * kv
+    assert more_rows["update, backward"] == plan["update, backward"]          # rows do not reach the update
+    longer = bench.memory_plan(QWEN05, rows=64, context=8704, micro=1, chunk=1024, wait=100)
+    assert longer["generation, decode"]["KV cache"] == kv * (8704 + 100) // 4352   # tool waits hold columns
+    saved, prefill = "saved activations", "prefill activations"
+    assert longer["update, backward"][saved] == 2 * plan["update, backward"][saved]
+    assert longer["generation, prefill"][prefill] > 2 * plan["generation, prefill"][prefill]   # the mask: S^2
+    fp32 = bench.memory_plan(QWEN05, rows=64, context=4352, dtype="float32")
+    assert fp32["generation, decode"]["KV cache"] == kv * 8 // 6 and fp32["scoring"][cache] == 0
+    assert plan["update, backward"]["gradients (float32)"] == 4 * n          # earlier micro-batches' gradients
+    one = bench.memory_plan(QWEN05, rows=64, context=4352, accumulate=False)["update, backward"]
+    assert one["gradients (float32)"] == 4 * 151936 * 896                    # a lone micro-batch: the head's so far
+    two = bench.memory_plan(QWEN05, rows=64, context=4352, world=2)["optimizer step"]["gradient sync bucket"]
+    assert two > 0 and plan["optimizer step"]["gradient sync bucket"] == 0
+
+
+@pytest.mark.parametrize("dtype, rows", [("bfloat16", 1), ("bfloat16", 3), ("float32", 1), ("float32", 3)])
+def test_core_gpu_plan_saved_activations_are_what_autograd_saves(dtype, rows):
+    """layer_bytes against the tensors a real Qwen2 forward saves for backward (autocast's bf16 weight
+    copies aside: the plan counts them once); rows of unequal length bring a padding mask."""
+    import bench
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**SMALL_QWEN)).train()
+    rollouts = [appo.Rollout(example=0, prompt=list(range(1, 11)), tokens=list(range(20, 110 - 7 * i)),
+                             mask=[1] * (90 - 7 * i)) for i in range(rows)]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        weight_copy = t.dtype == torch.bfloat16 and t.dim() == 2 and tuple(t.shape) in {
+            tuple(p.shape) for p in model.parameters()}
+        if t.untyped_storage().data_ptr() not in params and not weight_copy:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with hooks, appo.autocast(torch.device("cpu"), dtype):
+        ids, attn, _, _ = appo.pad_batch(rollouts, 0, "cpu")
+        model.base_model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=False)
+    e, S, d = (2 if dtype == "bfloat16" else 4), ids.shape[1], SMALL_QWEN["hidden_size"]
+    layer, _ = bench.layer_bytes(SMALL_QWEN, e, masked=rows > 1)
+    masks = e * rows * S * S if rows > 1 else 0                 # each layer saves the padding mask
+    plan = 2 * (layer * rows * S + masks) + 8 * d * rows * S     # 2 layers + the final norm
+    extra = sum(saved.values()) - plan                          # ids, RoPE's cos/sin, the last rsqrt
+    assert 0 <= extra <= 0.05 * plan, (sum(saved.values()), plan)
+
+
+def cpu_peak(fn):
+    """Peak bytes of the CPU tensors fn creates (over those that existed before), from the profiler's
+    memory timeline: the CPU's torch.cuda.max_memory_allocated."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as p:
+        fn()
+    now = peak = 0
+    for _, action, _, size in p._memory_profile().timeline:
+        now += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, now)
+    return peak
+
+
+@pytest.mark.parametrize("dtype, checkpointing, micro", [("bfloat16", True, 2), ("float32", False, 1)])
+def test_core_gpu_plan_update_matches_the_measured_peak_on_cpu(dtype, checkpointing, micro):
+    """One ppo_update of a small Qwen2 (AdamW state already there, foreach off as on the CPU): the
+    measured peak over the weights and moments is within 15 % of the plan's (measured: 0.92-1.01)."""
+    import bench
+    shape = dict(SMALL_QWEN, vocab_size=8000, hidden_size=128, intermediate_size=448, num_hidden_layers=3)
+    torch.manual_seed(0)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    model = Qwen2ForCausalLM(Qwen2Config(**shape)).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    g = torch.Generator().manual_seed(0)
+    train = [appo.Rollout(example=0, prompt=torch.randint(1, 8000, (24,), generator=g).tolist(),
+                          tokens=torch.randint(1, 8000, (200 - 5 * i,), generator=g).tolist(),
+                          mask=[1] * (200 - 5 * i), logp=[-9.0] * (200 - 5 * i)) for i in range(2)]
+    advs = [torch.randn(len(r.tokens), generator=g) for r in train]
+    cfg = appo.Config(device="cpu", micro_batch_size=micro, mini_batch_prompts=1, dtype=dtype,
+                      logit_chunk=256)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    update = lambda: appo.ppo_update(model, opt, train, advs, None, cfg, appo.resolve(cfg), 0)
+    update()                                                    # AdamW's moments exist from here on
+    measured = cpu_peak(update)
+    plan = bench.memory_plan(shape, 2, 224, micro, 256, dtype=dtype, checkpointing=checkpointing,
+                             foreach=False, accumulate=micro < 2)
+    kept = 12 * bench.param_counts(shape)[0]                    # weights and moments, there before
+    planned = max(sum(v.values()) for k, v in plan.items() if k.startswith(("update", "optimizer"))) - kept
+    assert 0.85 <= measured / planned <= 1.15, (measured, planned)
+
+
 def torchrun(*args, nproc=2, timeout=300):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", *map(str, args)],
