@@ -17,36 +17,37 @@ A real model on one GPU (see README.md for the full command and memory settings)
     python appo.py --model=Qwen/Qwen2.5-0.5B-Instruct --train_data=train_10k.parquet \
         --search_cache=search_cache.json --lr=1e-6 --max_response_tokens=4096 ...
 
-Order of this file: settings, reward, the equations (pure functions), the agent loop and the
-rollout tree, the toy world, infrastructure, main().
+Order of this file, the algorithm top to bottom: settings (Config, Recipe), the reward and evaluation,
+the equations (pure functions, Eqs. 3-8), the rollout tree (Eqs. 3-5 choose where to branch), credit
+(Eq. 6), the update (Eqs. 7-8), main(). The machinery lives beside it: agent.py (the KV-cached agent
+loop and log-probs of responses), runtime.py (settings parsing, data, SFT, devices, torchrun,
+checkpoints, logging), tools.py, toy.py (the embedded default's world), report.py (the tree page).
 """
-import contextlib
-import copy
 import dataclasses
-import functools
-import json
 import logging
 import math
 import os
 import random
 import re
-import shutil
 import string
 import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from math_verify import parse as mv_parse, verify as mv_verify
 
-import report
 import tools
+from agent import (Rollout, Sampling, content_token_mask, entropy_from_logits, example_prompt,  # noqa: F401 (Eq. 3)
+                   generate_rollouts, response_logprobs, run_agent, score_rollouts, stack_rows)
+from runtime import (autocast, barrier, gather, init_distributed, launch_store, launched, load_data, log_step,
+                     make_reporter, on_device, optimizer_step, parse_settings, pick_device, progress, rank0_first,
+                     rank_world, save_hf, seed_everything, start_run, step_batch, stop, write_summary,
+                     _looks_like_hub_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,71 +240,6 @@ class Config:
     """SFT warm-up steps (linear), then cosine decay to 10 %."""
 
 
-def field_docs(cls):
-    """{field: docstring} for a dataclass whose fields each carry a docstring line below them.
-
-    The docstrings are the one place a setting is explained; --help prints them."""
-    import ast
-    import inspect
-    import textwrap
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)
-            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
-
-
-def settings_help(cls, prog):
-    """What `--help` prints: the usage docstring's first lines, then every setting with its default."""
-    import textwrap
-    docs, lines = field_docs(cls), [f"usage: python {prog} [--key=value ...]", ""]
-    for f in dataclasses.fields(cls):
-        lines.append(f"  --{f.name}={f.default!r}" if f.type is str else f"  --{f.name}={f.default}")
-        lines += textwrap.wrap(docs.get(f.name, ""), 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
-    return "\n".join(lines)
-
-
-def stop(prog, message, code=2):
-    """One clear line on stderr and an exit code (2: settings or data a user can fix), no traceback."""
-    print(f"{prog}: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def parse_settings(cls, argv, prog):
-    """`--key=value` (or `--key value`; a bare `--flag` means True) -> an instance of dataclass `cls`.
-
-    `-h`/`--help` prints every setting's docstring and default. An unknown key or a value of the
-    wrong type exits with code 2 and one line naming it (and, for a key, the valid ones).
-    """
-    if any(a in ("-h", "--help") for a in argv):
-        print(settings_help(cls, prog))
-        sys.exit(0)
-    fields, values, i = {f.name: f for f in dataclasses.fields(cls)}, {}, 0
-    while i < len(argv):
-        arg, i = argv[i], i + 1
-        key, eq, value = arg.removeprefix("--").partition("=")
-        key = key.replace("-", "_")
-        if not arg.startswith("--") or key not in fields:
-            stop(prog, f"unknown setting {arg!r}. Valid: {', '.join(fields)}")
-        kind = fields[key].type
-        if not eq:
-            if i < len(argv) and not argv[i].startswith("--"):
-                value, i = argv[i], i + 1
-            elif kind is bool:
-                value = "true"
-            else:
-                stop(prog, f"--{key} needs a value, e.g. --{key}={fields[key].default!r}")
-        try:
-            if kind is bool:
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                values[key] = value.lower() in ("true", "1", "yes")
-            else:
-                values[key] = kind(value)
-        except ValueError:
-            stop(prog, f"--{key}={value!r} is not a valid {kind.__name__}")
-    return cls(**values)
-
-
 def parse_config(argv):
     """`--key=value` pairs -> Config, checked: anything a user can get wrong stops here, before
     any work, with one line and exit code 2."""
@@ -350,12 +286,6 @@ def parse_config(argv):
         if importlib.util.find_spec(cfg.report_to) is None:
             stop("appo.py", f"--report_to={cfg.report_to} needs `pip install {cfg.report_to}`")
     return cfg
-
-
-def _looks_like_hub_id(name):
-    """'org/name' or 'name' with Hub-legal characters, not a path a user meant as a folder."""
-    return (not name.startswith((".", "/", "~")) and name.count("/") <= 1
-            and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None)
 
 
 @dataclass(frozen=True)
@@ -523,26 +453,95 @@ def compute_reward(response: str, golds: list[str], kind: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation: the reward of a batch of answers, and the agent answering held-out questions
+# ---------------------------------------------------------------------------------------------
+def answer_metrics(examples, rollouts, k=1):
+    """Metrics of answers: rollouts[i * k + j] is sample j for examples[i]. Per question type
+    (the toy's `type`, else math / qa): accuracy (mean score), tool calls per answer; the share of
+    bad formats by cause (truncated, no_answer, unbalanced_tags); tokens the model generated per
+    answer; with k > 1, pass@k (a question counts when any sample scores >= 1)."""
+    out, by_type = {}, {}
+    for i, ex in enumerate(examples):
+        by_type.setdefault(ex.get("type", ex["kind"]), []).append(i)
+    for r in rollouts:
+        ex = examples[r.example]
+        res = compute_reward(r.text, ex["answer"], ex["kind"])
+        r.reward, r.score, r.format_ok = res["reward"], res["score"], res["format_ok"]
+        r.format_error = "truncated" if r.truncated and not r.format_ok else res["format_error"]
+    mean = lambda xs: sum(xs) / max(len(xs), 1)
+    out["acc"] = mean([r.score for r in rollouts])
+    for t, idx in sorted(by_type.items()):
+        mine = [rollouts[i * k + j] for i in idx for j in range(k)]
+        out[f"acc/{t}"] = mean([r.score for r in mine])
+        out[f"tool_calls/{t}"] = mean([r.tool_calls for r in mine])
+        if k > 1:
+            out[f"pass@{k}/{t}"] = mean([any(rollouts[i * k + j].score >= 1 for j in range(k)) for i in idx])
+    if k > 1:
+        out[f"pass@{k}"] = mean([any(rollouts[i * k + j].score >= 1 for j in range(k))
+                                 for i in range(len(examples))])
+    for cause in ("truncated", "no_answer", "unbalanced_tags"):
+        out[f"bad_format/{cause}"] = mean([r.format_error == cause for r in rollouts])
+    out["tokens/answer"] = mean([sum(r.mask) for r in rollouts])
+    return out
+
+
+def evaluate(model, tokenizer, examples, cfg, box, desc="eval", samples=1):
+    """The tool agent on `examples` -> answer_metrics: greedy (samples=1, pass@1) or `samples`
+    answers per question at the training temperature (pass@k). Under torchrun each rank answers
+    every world-th question and every rank gets the metrics of all of them: no rank idles in a
+    collective while one evaluates alone, and N GPUs evaluate N times as fast."""
+    rank, world = rank_world()
+    mine = list(range(rank, len(examples), world))
+    rollouts = answer(model, tokenizer, [examples[i] for i in mine], cfg, box, desc, samples)
+    for r in rollouts:
+        r.example = mine[r.example]
+    if world > 1:                                      # what answer_metrics reads, not per-token lists
+        light = [dataclasses.replace(r, tokens=[], logp=[], entropy=[], signals={}) for r in rollouts]
+        rollouts = sorted((r for part in gather(light) for r in part), key=lambda r: r.example)
+    return answer_metrics(examples, rollouts, samples)
+
+
+def answer(model, tokenizer, examples, cfg, box, desc, samples):
+    """`samples` answers per example in gen_batch_size batches; rollout i * samples + j is sample j of
+    examples[i] (its `example`)."""
+    model.eval()
+    sampling = sampling_of(cfg, greedy=samples == 1)
+    device = next(model.parameters()).device
+    prompts = [example_prompt(tokenizer, e, cfg) for e in examples for _ in range(samples)]
+    rollouts, bar = [], progress(total=len(prompts), desc=desc, disable=rank_world()[0] > 0)
+    for i in range(0, len(prompts), cfg.gen_batch_size):
+        with autocast(device, cfg.dtype):
+            part = run_agent(model, tokenizer, prompts[i:i + cfg.gen_batch_size], sampling, box)
+        for j, r in enumerate(part):
+            r.example = (i + j) // samples
+        rollouts += part
+        bar.update(len(part))
+    bar.close()
+    return rollouts
+
+
+def evaluate_sft(run, val, test):
+    """The starting checkpoint: greedy accuracy on test, pass@k on validation (rank 0 prints)."""
+    m, tok, cfg = run.model, run.tokenizer, run.cfg
+    before = {"test": evaluate(m, tok, test, cfg, run.box, "test, before RL") if test else {},
+              "val": evaluate(m, tok, val, cfg, run.box, f"val pass@{cfg.pass_k}", cfg.pass_k)
+              if val and cfg.pass_k > 1 else {}}
+    if run.rank == 0:
+        print(f"before RL: test accuracy {before['test'].get('acc', float('nan')):.3f}, "
+              f"val pass@{cfg.pass_k} {before['val'].get(f'pass@{cfg.pass_k}', float('nan')):.3f}")
+    return before
+
+
+# ---------------------------------------------------------------------------------------------
 # The equations: pure functions on [B, T] tensors (Eqs. 3-8). Copy them into any trainer.
 # ---------------------------------------------------------------------------------------------
 # Tensors are (B, T): one row per rollout, one column per response token. `mask` is m_t (1 for
 # tokens the model sampled, 0 for tool results and padding), bool or 0/1. Nothing here reads a
 # config or a global; every function can be copied out on its own (with its helpers).
 
+# Eq. 3 (the entropy H_t) is computed where tokens are sampled: agent.entropy_from_logits.
 # Two numbers recur: exponents are clamped to [-20, 20] before exp() (exp(20) ~ 4.9e8, finite),
 # and a std below 1e-6 means "all equal" (Z = 0 then; a README Decision).
-
-
-def entropy_from_logits(logits):
-    """Eq. 3: H_t = -sum_v p_t(v) log p_t(v), p_t = softmax(z_t / tau), over the full vocabulary.
-
-    The caller divides by the sampling temperature tau first, so H is the entropy of the
-    distribution y_t was actually drawn from. log_softmax keeps it finite for huge logits.
-    Shape (B, T, V) -> (B, T).
-    Example: logits [[[0, 0], [ln 3, 0]]] -> [[ln 2, 0.5623]]  (p = [.75, .25]).
-    """
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return -(logp.exp() * logp).sum(dim=-1)  # (B, T); p * log p -> 0 as p -> 0, no NaN
 
 
 def discount_matrix(n, gamma, dtype=torch.float64, device=None):
@@ -821,569 +820,6 @@ def select_branch_points(entropy, omega, candidates, k, rule="bs", generator=Non
 
 
 # ---------------------------------------------------------------------------------------------
-# The agent loop: batched sampling that pauses at tool calls (spec section 1)
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class Rollout:
-    """One response y_1..y_T to one prompt, with the tree bookkeeping of spec section 2."""
-    example: int                                        # index of its question in the batch (Eq. 6's prompt)
-    prompt: list                                        # prompt token ids
-    tokens: list = field(default_factory=list)          # response y_1..y_T (tool results included)
-    mask: list = field(default_factory=list)            # m_t: 1 sampled by the model, 0 tool result
-    logp: list = field(default_factory=list)            # log pi_old(y_t | s_t) at tau, from the sampler
-    entropy: list = field(default_factory=list)         # H_t of Eq. 3, from the sampler (0 on results)
-    calls: list = field(default_factory=list)           # (name, payload, end): end = len(tokens) after result
-    done: bool = False
-    truncated: bool = False                             # ran out of response tokens
-    parent: int = -1                                    # rollout it branched from (-1: initial rollout)
-    root: int = -1                                      # initial rollout at the top of its lineage
-    fork: int = 0                                       # y_<fork shared with the parent, new from y_fork on
-    root_fork: int = 0                                  # where its lineage left the root's tokens
-    text: str = ""                                      # decoded response
-    reward: float = 0.0
-    score: float = 0.0
-    format_ok: bool = False
-    format_error: str | None = None                     # truncated | no_answer | unbalanced_tags
-    branch_pos: int = -1                                # t: the position it was branched at (-1: initial)
-    branch_points: list = field(default_factory=list)   # positions where branches of it were made
-    signals: dict = field(default_factory=dict)         # per token: omega, z_h, z_omega, bs, candidate
-    adv: list = field(default_factory=list)             # per-token base advantage after Eq. 6
-
-    @property
-    def tool_calls(self):
-        return len(self.calls)
-
-    @property
-    def n_generated(self):
-        return sum(self.mask)                           # tokens the model sampled (results excluded)
-
-
-@dataclass
-class Sampling:
-    """The agent loop's own settings (eval.py builds one without a training Config).
-
-    results_as_ready: a row whose call returned samples on at once instead of waiting until every
-    live row waits, so one slow call no longer idles the rows whose calls were quick. The steps at
-    which results enter then depend on how long the tools take, so sampled runs are no longer bit
-    for bit repeatable (greedy tokens are the same); off (default), the run is deterministic."""
-    temperature: float = 1.0            # tau: samples come from exactly softmax(z / tau)
-    top_p: float = 1.0                  # nucleus; 1.0 = off. Below 1 pi is the filtered softmax (score so)
-    greedy: bool = False                # argmax instead of sampling (evaluation)
-    max_response_tokens: int = 192      # response budget, tool results included
-    max_tool_calls: int = 3             # further calls are answered with a limit message
-    batch_size: int = 128               # rows sampled together
-    results_as_ready: bool = False      # feed each result once ready, not when every row waits (see above)
-
-
-def build_prompt(tokenizer, question, kind="qa", system_prompt=None, messages=None):
-    """Prompt token ids: the chat template when the tokenizer has one, else plain text (the toy).
-    `messages` (a verl row's chat prompt) replaces the system prompt + question."""
-    if messages is None:
-        messages = [{"role": "system", "content": system_prompt or default_system_prompt(tools.toolbox())},
-                    {"role": "user", "content": question}]
-    if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    system = " ".join(m["content"] for m in messages if m["role"] == "system")
-    user = " ".join(m["content"] for m in messages if m["role"] != "system")
-    return tokenizer(build_prompt_text(user, system), add_special_tokens=False)["input_ids"]
-
-
-def build_prompt_text(question, system_prompt):
-    """The plain-text prompt for a tokenizer without a chat template (the toy's)."""
-    return f"{system_prompt}\nQuestion: {question}\n"
-
-
-default_system_prompt = tools.default_system_prompt
-
-
-STOPS = tools.stop_strings(["python", "search"]) + ("</answer>",)   # the default tools' stops
-
-
-@functools.lru_cache(maxsize=8)
-def token_texts(tokenizer):
-    """The text of every token id as it reads inside a sequence (a leading space kept), decoded
-    once, so the agent loop finds stop strings in O(tokens) instead of re-decoding rows."""
-    probe = tokenizer.encode("a", add_special_tokens=False)[:1]
-    head = tokenizer.decode(probe)
-    texts = tokenizer.batch_decode([probe + [i] for i in range(len(tokenizer))])
-    return [t[len(head):] if t.startswith(head) else t for t in texts]
-
-
-def find_stop(tail, piece, stops=STOPS):
-    """The stop string that ends inside `piece` when it is appended to `tail`, else None.
-
-    Matching on text, not tokens, finds `</python>` however it was split, also across a
-    branch's fork (`tail` holds the text before it). Example: find_stop("x</pyth", "on>") -> "</python>".
-    """
-    window = tail + piece
-    for s in stops:
-        if window.find(s, max(0, len(tail) - len(s) + 1)) >= 0:
-            return s
-    return None
-
-
-def tail_text(tokens, texts, n=32):
-    """The text of the last n tokens (enough to hold the start of any stop string)."""
-    return "".join(texts[t] if t < len(texts) else "" for t in tokens[-n:])
-
-
-OUTSIDE_NUCLEUS = -1e4   # log pi of a token top-p cannot sample; finite on purpose (policy_log_softmax)
-
-
-def nucleus_mask(logp, top_p):
-    """True on each row's nucleus: the smallest set of most probable tokens whose mass reaches top_p.
-    Example: logp = log [[0.5, 0.3, 0.2]], top_p 0.7 -> [[True, True, False]]."""
-    sorted_logp, order = logp.sort(dim=-1, descending=True, stable=True)
-    p = sorted_logp.exp()
-    inside = p.cumsum(-1) - p < top_p                                  # the mass before it is still short
-    return torch.zeros_like(inside).scatter(-1, order, inside)
-
-
-def policy_log_softmax(scaled, top_p=1.0):
-    """log pi(. | s_t) of the sampling policy from z / tau (the caller divides): softmax, and for
-    top_p < 1 restricted to the nucleus and renormalised. The sampler and the trainer both use it,
-    so pi_old and pi_theta are the same distribution; the nucleus is recomputed from the current
-    logits (for the sampler's weights it is the sampler's set, so the first ratio is 1) and the
-    gradient flows through the renormalisation, not through the choice of the set.
-
-    Outside the nucleus: OUTSIDE_NUCLEUS, not -inf. Tool-result tokens (m_t = 0) are often
-    outside, for the policy and the reference alike, and -inf - (-inf) is NaN, which masking by
-    multiplication does not remove; -1e4 keeps every difference finite. A sampled token that
-    leaves the nucleus as the policy moves gets Delta clamped to -20 in the loss: ratio ~ 0, no
-    gradient, as for any token the filtered policy cannot produce. top_p = 1: plain log_softmax.
-    Example: z / tau = log [0.5, 0.3, 0.2], top_p 0.7 -> [log 0.625, log 0.375, -1e4].
-    """
-    logp = scaled.log_softmax(-1)
-    if top_p >= 1.0:
-        return logp
-    inside = nucleus_mask(logp.detach(), top_p)
-    kept = scaled.masked_fill(~inside, float("-inf")).log_softmax(-1)          # renormalised over the nucleus
-    return kept.masked_fill(~inside, OUTSIDE_NUCLEUS)
-
-
-@dataclass
-class Decoding:
-    """Rows being continued with one KV cache. Cache columns a row does not use (left padding, the
-    tail of a longer shared prefix, steps while it waits for a tool) are holes: attention mask 0."""
-    cache: object                       # transformers DynamicCache, (b, heads, W, d) per layer
-    attn: torch.Tensor                  # (b, W) 1 where the column holds one of the row's tokens
-    pos: torch.Tensor                   # (b,) position id of each row's next token
-    logits: torch.Tensor = None         # (b, V) next-token logits after the last feed
-
-
-def feed(model, d, new, pad_id):
-    """Append the token list new[i] (possibly empty) to row i in one forward pass. Lists are
-    left-padded with holes, so every row's last new token is the last column and its logits are
-    the only ones computed (logits_to_keep=1)."""
-    device = d.attn.device
-    width = max(1, max(map(len, new)))
-    ids = torch.tensor([[pad_id] * (width - len(x)) + list(x) for x in new], device=device)   # (b, L)
-    block = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in new], device=device)  # (b, L)
-    pos = d.pos[:, None] + (block.cumsum(-1) - 1).clamp(min=0)                                 # (b, L)
-    d.attn = torch.cat([d.attn, block], dim=1)                                                  # (b, W + L)
-    d.logits = model(input_ids=ids, attention_mask=d.attn, position_ids=pos, cache=d.cache,       # 5.24+
-                     use_cache=True, logits_to_keep=1).logits[:, -1].float()                   # (b, V)
-    d.pos = d.pos + block.sum(-1)
-
-
-def prefix_groups(contexts):
-    """For each token list, the index of one it is a prefix of (itself if none), so the rollouts of
-    one prompt, or the branches of one parent, are prefilled once.
-    Example: [[1, 2], [1, 2, 3], [4], [1, 9]] -> [1, 1, 2, 3]."""
-    group, reps = [0] * len(contexts), []
-    for i in sorted(range(len(contexts)), key=lambda i: -len(contexts[i])):
-        c = contexts[i]
-        group[i] = next((j for j in reps if contexts[j][:len(c)] == c), i)
-        if group[i] == i:
-            reps.append(i)
-    return group
-
-
-def start_decoding(model, contexts, pad_id):
-    """Prefill the contexts: each prefix group runs once without its last token, every row takes a
-    copy of its group's cache cut to its own length (the rest masked), then each row's last token
-    is fed, which gives its next-token logits. Returns (Decoding, prefill tokens computed)."""
-    from transformers import DynamicCache
-    device = next(model.parameters()).device
-    group = prefix_groups(contexts)
-    reps = sorted(set(group))
-    d = Decoding(cache=DynamicCache(config=model.config), attn=torch.zeros(len(reps), 0, dtype=torch.long,
-                 device=device), pos=torch.zeros(len(reps), dtype=torch.long, device=device))
-    feed(model, d, [contexts[r][:-1] for r in reps], pad_id)
-    idx = torch.tensor([reps.index(g) for g in group], device=device)
-    d.cache.batch_select_indices(idx)
-    own = torch.tensor([len(c) - 1 for c in contexts], device=device)                 # (b,) tokens kept
-    d.attn = d.attn[idx] * (d.attn[idx].cumsum(-1) <= own[:, None])                    # (b, W)
-    d.pos = own
-    feed(model, d, [[c[-1]] for c in contexts], pad_id)
-    return d, sum(len(contexts[r]) - 1 for r in reps) + len(contexts)
-
-
-def keep_rows(d, keep):
-    """Drop finished rows from the batch (keep: batch indices that stay)."""
-    idx = torch.tensor(keep, dtype=torch.long, device=d.attn.device)
-    d.cache.batch_select_indices(idx)
-    d.attn, d.pos, d.logits = d.attn[idx], d.pos[idx], d.logits[idx]
-
-
-def squeeze_holes(d, factor=2):
-    """Drop hole columns once the cache is more than `factor` times as wide as its fullest row.
-
-    Results fed as they arrive cost every other row a hole per result token, so without this the
-    width would grow by the sum of all results instead of their max. Each row's columns move
-    right, in order; keys are stored already rotated (RoPE) and positions live in d.pos, so the
-    next logits are unchanged. Only plain DynamicLayer caches are squeezed (a sliding-window
-    layer keeps fewer columns than d.attn has; it is left as it is).
-    Example: attn [[1, 0, 1, 0, 0], [0, 0, 0, 0, 1]], factor 2 -> [[1, 1], [0, 1]].
-    """
-    from transformers.cache_utils import DynamicLayer
-    width, full = d.attn.shape[1], int(d.attn.sum(-1).max())
-    layers = [x for x in getattr(d.cache, "layers", []) if x.is_initialized]   # a scripted model may use one
-    plain = all(type(x) is DynamicLayer and x.keys.shape[-2] == width for x in layers)
-    if width <= factor * full or not layers or not plain:
-        return
-    order = d.attn.sort(dim=-1, stable=True).indices[:, width - full:]             # (b, full) holes first
-    for layer in layers:
-        idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-        layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
-    d.attn = d.attn.gather(1, order)
-
-
-def pick_tokens(logits, sampling):
-    """One token per row from exactly the policy, softmax(z / tau) (top-p filtered and renormalised
-    when top_p < 1; argmax when greedy) -> (tokens, log pi(token), H of Eq. 3 of that policy), each (b,)."""
-    logp_all = policy_log_softmax(logits / sampling.temperature, sampling.top_p)       # (b, V)
-    if sampling.greedy:
-        tok = logits.argmax(-1)
-    else:
-        tok = torch.multinomial(logp_all.exp(), 1)[:, 0]
-    entropy = -(logp_all.exp() * logp_all).sum(-1)                                     # Eq. 3; exp(-1e4) = 0
-    return tok, logp_all.gather(-1, tok[:, None])[:, 0], entropy
-
-
-def start_call(pool, box, r, tokenizer, max_calls):
-    """Start the call a paused rollout asks for, in the background -> future of (name, payload,
-    result). It is parsed from the whole response (a branch may have forked inside the call) and
-    run with the rollout's earlier calls (the python tool's state); past max_calls nothing runs.
-    The closing tag may end inside the last token (`on>.`), so that token's text may follow it."""
-    if len(r.calls) >= max_calls:
-        limit = Future()
-        limit.set_result((None, None, f"Error: tool-call limit ({max_calls}) reached; give your answer"))
-        return limit
-    text = tokenizer.decode(r.tokens, skip_special_tokens=True)
-    after = len(text) - len(tokenizer.decode(r.tokens[:-1], skip_special_tokens=True))   # the last token's
-    return pool.submit(tools.run_call, box, text, [(name, payload) for name, payload, _ in r.calls], after)
-
-
-@torch.no_grad()
-def generate_rollouts(model, tokenizer, rollouts, sampling, box, cost=None):
-    """The tool loop (spec section 1), batched, on one KV cache per batch: sample until a closing
-    tool tag, </answer>, EOS or the budget; a rollout that stops at a tool tag waits (its call runs
-    in the background at once) while the others go on, and its result is fed as masked tokens
-    (m_t = 0) into the same cache when every live row waits, or as soon as it is ready with
-    sampling.results_as_ready (see Sampling). Nothing is prefilled twice: not the
-    prompt of N rollouts, not a parent's prefix for its branches, not a rollout after a call.
-    `box` is the tools (tools.toolbox()). `cost` (a dict), if given, adds up the work done."""
-    pad = tokenizer.pad_token_id
-    cost = {} if cost is None else cost
-    todo = [r for r in rollouts if not r.done]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        loop = ToolLoop(tokenizer, token_texts(tokenizer), sampling, box, pool)
-        for s in range(0, len(todo), sampling.batch_size):
-            _generate_batch(model, loop, todo[s:s + sampling.batch_size], pad, cost)
-    for r in rollouts:
-        r.text = tokenizer.decode(r.tokens, skip_special_tokens=True)
-    return rollouts
-
-
-def add_token(r, t, logp, entropy, tail, texts, stops, eos_id, budget):
-    """Append a sampled token to rollout r -> (why the turn stops: None, "eos", "length" or the stop
-    string that just ended; the new tail text)."""
-    r.tokens.append(t), r.mask.append(1), r.logp.append(logp), r.entropy.append(entropy)
-    piece = texts[t] if t < len(texts) else ""
-    end = "eos" if t == eos_id else find_stop(tail, piece, stops)
-    if end is None and len(r.tokens) >= budget:
-        end = "length"
-    return end, (tail + piece)[-32:]
-
-
-def result_ids(tokenizer, text):
-    """Token ids of a tool result, special-token strings in it read as plain text: a search hit
-    or a program that prints `<|im_end|>` must not become the control token (the model would see
-    its turn end, or padding, inside a result). The agent loop and SFT both tokenise results so.
-    Example (test_appo.char_tokenizer): " <|eos|>" -> the ids of its 8 characters, no EOS id."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-
-
-def add_result(r, call, tokenizer, budget):
-    """Append a finished call's result to rollout r as masked tokens (m_t = 0) and record the call
-    -> the result's token ids to feed, or None when the budget ran out inside the result."""
-    name, payload, result = call
-    ids = result_ids(tokenizer, tools.format_result(result))
-    kept = ids[:budget - len(r.tokens)]
-    r.tokens += kept
-    r.mask += [0] * len(kept)
-    r.logp += [0.0] * len(kept)
-    r.entropy += [0.0] * len(kept)
-    if name is not None:                                   # malformed calls and the limit are not calls
-        r.calls.append((name, payload, len(r.tokens)))
-    if len(kept) < len(ids) or len(r.tokens) >= budget:    # cut inside a tool result
-        r.done, r.truncated = True, True
-        return None
-    return ids
-
-
-def _add_cost(cost, key, value):
-    """cost[key] += value, a missing key counting as 0 (the agent loop's cost ledger).
-    Example: c = {}; _add_cost(c, "tool_wait_s", 0.5); _add_cost(c, "tool_wait_s", 1.0)
-             -> c == {"tool_wait_s": 1.5}.
-    """
-    cost[key] = cost.get(key, 0) + value
-
-
-@dataclass
-class Turns:
-    """One batch of the tool loop: its rollouts, the ones still in the batch, those waiting for a tool."""
-    rows: list                                         # the rollouts of the batch
-    live: list                                         # batch row b (of the KV cache) holds rows[live[b]]
-    tails: list                                        # per rollout: the text of its last tokens (find_stop)
-    waiting: dict = field(default_factory=dict)        # rollout index -> future of its tool result
-
-
-@dataclass
-class ToolLoop:
-    """What every step of a batch reads: the tokenizer and its token texts, the settings, the tools."""
-    tokenizer: object
-    texts: list                                        # token_texts(tokenizer)
-    sampling: Sampling
-    box: dict                                          # tools.toolbox()
-    pool: ThreadPoolExecutor                           # runs the calls in the background
-    tool_stops: tuple = field(init=False)              # the closing tags of box's tools
-
-    def __post_init__(self):
-        self.tool_stops = tools.stop_strings(self.box)
-
-    def start_call(self, r):
-        return start_call(self.pool, self.box, r, self.tokenizer, self.sampling.max_tool_calls)
-
-
-def ends_with_tool_stop(r, texts, tool_stops):
-    """Whether rollout r's last token is one it sampled and completes a closing tool tag (a branch that
-    kept the whole tag waits for its call at once). The tag may end inside that token (`on>.`)."""
-    if not r.tokens or not r.mask[-1]:
-        return False
-    t = r.tokens[-1]
-    piece = texts[t] if t < len(texts) else ""
-    return find_stop(tail_text(r.tokens[:-1], texts), piece, tool_stops) is not None
-
-
-def _sample_phase(loop, turns, logits, new, finished):
-    """Phase 1 of a decoding step: one token for each live row that is not waiting for a tool. A row
-    that closes a tool tag starts its call in the background and waits from now on; EOS,
-    </answer> or the budget finish it (batch row added to `finished`). new[b] gets the token."""
-    if len(turns.waiting) == len(turns.live):
-        return
-    # every row draws, waiting ones too, as the loop always did: the same random stream as before
-    tok, logp, entropy = pick_tokens(logits, loop.sampling)
-    stops, s = loop.tool_stops + ("</answer>",), loop.sampling
-    for b, (t, lp, h) in enumerate(zip(tok.tolist(), logp.tolist(), entropy.tolist())):
-        j, r = turns.live[b], turns.rows[turns.live[b]]
-        if j in turns.waiting:
-            continue
-        end, turns.tails[j] = add_token(r, t, lp, h, turns.tails[j], loop.texts, stops,
-                                        loop.tokenizer.eos_token_id, s.max_response_tokens)
-        if end in loop.tool_stops:
-            turns.waiting[j] = loop.start_call(r)
-        if end is None or end in loop.tool_stops:
-            new[b].append(t)
-        else:                                          # eos, </answer> or the budget
-            r.done, r.truncated = True, end == "length"
-            finished.add(b)
-
-
-def _feed_results_phase(loop, turns, new, finished):
-    """Phase 2: every waiting row whose tool result is ready gets it as masked tokens (m_t = 0),
-    appended to new[b], so it is fed in the same forward pass as the other rows' sampled tokens
-    and the row samples again at the next step. A result cut by the budget finishes the row.
-    Runs every step with results_as_ready, else only at steps where every live row waited."""
-    for b, j in enumerate(turns.live):
-        future = turns.waiting.get(j)
-        if future is None or not future.done():
-            continue
-        del turns.waiting[j]
-        r = turns.rows[j]
-        ids = add_result(r, future.result(), loop.tokenizer, loop.sampling.max_response_tokens)
-        turns.tails[j] = tail_text(r.tokens, loop.texts)
-        if ids is None:
-            finished.add(b)
-        else:
-            new[b] += ids
-
-
-def _drop_finished(d, turns, new, finished):
-    """Phase 3: take the finished rows out of the batch and its KV cache -> the token lists of the
-    rows that stay (to be fed). Example: live [4, 7, 9], finished {1} -> live [4, 9]."""
-    keep = [b for b in range(len(turns.live)) if b not in finished]
-    if keep and len(keep) < len(turns.live):
-        keep_rows(d, keep)
-    turns.live = [turns.live[b] for b in keep]
-    return [new[b] for b in keep]
-
-
-def _wait_when_idle(turns, cost, as_ready):
-    """When every live row waits for a tool nothing can be sampled: block until the first result
-    is ready (as_ready) or all are (else, the deterministic schedule). That time is the batch's
-    tool_wait_s. -> whether every live row was waiting."""
-    futures = list(turns.waiting.values())
-    if len(futures) < len(turns.live):
-        return False
-    t0 = time.time()
-    if not (as_ready and any(f.done() for f in futures)):
-        wait(futures, return_when=FIRST_COMPLETED if as_ready else ALL_COMPLETED)
-    _add_cost(cost, "tool_wait_s", time.time() - t0)
-    return True
-
-
-def _generate_batch(model, loop, rows, pad, cost):
-    """The tool loop on one batch of rollouts (at most sampling.batch_size), on one KV cache.
-
-    Prefill (shared prefixes once), then one forward pass per step with, for each live row, the
-    token it sampled and/or its tool result. With sampling.results_as_ready a result is fed as
-    soon as it is ready, so a row whose call returned samples again while slower calls still run
-    elsewhere, and only when every live row waits does the loop block, on the first result;
-    without, results are fed when every live row waits, after blocking on all of them. cost gets
-    prefill_tokens (computed), prefill_tokens_per_row (as if rows shared nothing), tool_wait_s
-    (blocked with nothing to sample) and generate_s (the whole batch).
-    Example (results_as_ready): rows A (slow search) and B (instant python) both stop at a closing
-    tag; B's result is fed at the next step and B goes on sampling while A's search runs.
-    """
-    t0 = time.time()
-    d, prefill = start_decoding(model, [r.prompt + r.tokens for r in rows], pad)
-    _add_cost(cost, "prefill_tokens", prefill)
-    _add_cost(cost, "prefill_tokens_per_row", sum(len(r.prompt) + len(r.tokens) for r in rows))
-    tails = [tail_text(r.tokens, loop.texts) for r in rows]
-    turns = Turns(rows=rows, live=list(range(len(rows))), tails=tails)
-    for j, r in enumerate(rows):
-        if ends_with_tool_stop(r, loop.texts, loop.tool_stops):
-            turns.waiting[j] = loop.start_call(r)
-    as_ready = loop.sampling.results_as_ready
-    while turns.live:
-        idle = _wait_when_idle(turns, cost, as_ready)
-        new, finished = [[] for _ in turns.live], set()
-        _sample_phase(loop, turns, d.logits, new, finished)
-        if as_ready or idle:
-            _feed_results_phase(loop, turns, new, finished)
-        new = _drop_finished(d, turns, new, finished)
-        if turns.live:
-            feed(model, d, new, pad)
-            if as_ready:                               # results enter one by one: holes pile up
-                squeeze_holes(d)
-    _add_cost(cost, "generate_s", time.time() - t0)
-
-
-def run_agent(model, tokenizer, prompts, sampling, box, cost=None):
-    """Answer each prompt (token ids) once with the tool loop. Used by evaluation and eval.py."""
-    rollouts = [Rollout(example=i, prompt=list(p), root=i) for i, p in enumerate(prompts)]
-    return generate_rollouts(model, tokenizer, rollouts, sampling, box, cost)
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probabilities of responses under a policy (the branching score and the loss share it)
-# ---------------------------------------------------------------------------------------------
-def pad_batch(rollouts, pad_id, device):
-    """Prompts left-padded and responses right-padded, so response position t is column P + t."""
-    P = max(len(r.prompt) for r in rollouts)
-    T = max(max(len(r.tokens) for r in rollouts), 1)
-    ids, attn, mask = [], [], []
-    for r in rollouts:
-        p, t = len(r.prompt), len(r.tokens)
-        ids.append([pad_id] * (P - p) + r.prompt + r.tokens + [pad_id] * (T - t))
-        attn.append([0] * (P - p) + [1] * (p + t) + [0] * (T - t))
-        mask.append(r.mask + [0] * (T - t))
-    as_tensor = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
-    return as_tensor(ids, torch.long), as_tensor(attn, torch.long), as_tensor(mask, torch.float), P
-
-
-def _nucleus_logp(scaled, targets, with_entropy, top_p):
-    """log pi(targets) (and H) under the top-p policy, as the sampler computes them: (b, c, V) -> (b, c)."""
-    logp_all = policy_log_softmax(scaled, top_p)                               # (b, c, V)
-    logp = logp_all.gather(-1, targets[..., None])[..., 0]
-    return logp, -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-
-
-def _chunk_logp(hidden, targets, head, temperature, with_entropy, top_p=1.0):
-    """log pi(targets) (and H) for one chunk, pi = softmax(head(hidden) / tau), top-p filtered when
-    top_p < 1 (policy_log_softmax, as the sampler): (b, c, d) -> (b, c)."""
-    logits = head(hidden).float() / temperature                                # (b, c, V)
-    if top_p < 1.0:
-        return _nucleus_logp(logits, targets, with_entropy, top_p)
-    logz = logits.logsumexp(-1)                                                # (b, c)
-    logp = logits.gather(-1, targets[..., None])[..., 0] - logz                # (b, c)
-    if not with_entropy:
-        return logp, None
-    logp_all = logits - logz[..., None]                                        # (b, c, V)
-    return logp, -(logp_all.exp() * logp_all).sum(-1)                          # H, as the sampler computes it
-
-
-def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_entropy=False, top_p=1.0):
-    """log pi(y_t | s_t) at temperature tau for every response token -> (logp, entropy, mask),
-    each (b, T); entropy (Eq. 3) only when asked, without gradient. top_p < 1: pi is the
-    nucleus-filtered policy the sampler drew from (policy_log_softmax); pass the sampler's top_p.
-
-    Memory: the vocabulary-sized logits are built from the final hidden states `chunk` tokens
-    (rows x positions) at a time, and with gradients on each chunk is recomputed in the
-    backward pass (checkpointing), so one chunk's float32 logits exist at a time instead of
-    several (b, T, V) copies. Models that post-process their logits (soft-capping, scaling)
-    take the plain full-logits path.
-    """
-    device = next(model.parameters()).device
-    ids, attn, mask, P = pad_batch(rollouts, pad_id, device)
-    b, T = mask.shape
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)                                 # RoPE positions skip left pads
-    post = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-    if any(getattr(model.config, k, None) for k in post):
-        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
-                       logits_to_keep=T + 1).logits[:, :-1].float() / temperature
-        if top_p < 1.0:
-            logp, entropy = _nucleus_logp(logits, ids[:, P:], with_entropy, top_p)
-            return logp, entropy.detach() if with_entropy else None, mask
-        logp = logits.log_softmax(-1).gather(-1, ids[:, P:, None])[..., 0]
-        return logp, entropy_from_logits(logits.detach()) if with_entropy else None, mask
-    hidden = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                              use_cache=False).last_hidden_state[:, P - 1:-1]  # (b, T, d): predicts y_t
-    head, targets, step = model.get_output_embeddings(), ids[:, P:], max(1, chunk // b)
-    logps, ents = [], []
-    for s in range(0, T, step):
-        args = (hidden[:, s:s + step], targets[:, s:s + step], head, temperature, with_entropy, top_p)
-        if torch.is_grad_enabled():
-            lp, h = torch.utils.checkpoint.checkpoint(_chunk_logp, *args, use_reentrant=False)
-        else:
-            lp, h = _chunk_logp(*args)
-        logps.append(lp)
-        ents.append(h.detach() if with_entropy else None)
-    return torch.cat(logps, 1), torch.cat(ents, 1) if with_entropy else None, mask
-
-
-@torch.no_grad()
-def score_rollouts(model, rollouts, temperature, pad_id, micro_batch, chunk, top_p=1.0):
-    """log pi(y_t) of each rollout under `model` (top-p filtered when top_p < 1, as sampled), in
-    micro-batches -> list of 1-D CPU tensors."""
-    out = []
-    for i in range(0, len(rollouts), micro_batch):
-        part = rollouts[i:i + micro_batch]
-        logp, _, _ = response_logprobs(model, part, temperature, pad_id, chunk, top_p=top_p)
-        out += [logp[j, :len(r.tokens)].float().cpu() for j, r in enumerate(part)]
-    return out
-
-
-def stack_rows(rows, T=None):
-    """List of 1-D tensors -> right-padded (b, T) tensor."""
-    T = T or max(max(len(x) for x in rows), 1)
-    return torch.stack([F.pad(torch.as_tensor(x).float(), (0, T - len(x))) for x in rows])
-
-
-# ---------------------------------------------------------------------------------------------
 # The rollout tree: N rollouts, branch at the top-B points, until M per prompt
 # ---------------------------------------------------------------------------------------------
 def branch_from(parent, index, t, keep_token=True):
@@ -1433,20 +869,6 @@ def per_prompt(rollouts, n_prompts):
     for r in rollouts:
         count[r.example] += 1
     return count
-
-
-@contextlib.contextmanager
-def on_device(model, device):
-    """Move a frozen copy (the Eq. 4 anchor, the KL reference) to `device` for the block and back
-    to the CPU after, so it takes accelerator memory only while it is used."""
-    if model is None or device.type == "cpu":
-        yield model
-        return
-    model.to(device)
-    try:
-        yield model
-    finally:
-        model.to("cpu")
 
 
 def branch_round(model, anchor, rollouts, frontier, count, cfg, recipe, content_ids, pad_id, stats):
@@ -1624,17 +1046,6 @@ def policy_loss_backward(model, rows, old, advs, ref_logps, cfg, recipe, pad_id,
     return loss, metrics
 
 
-def optimizer_step(model, optimizer, finite, n_rows, grad_clip):
-    """The generic part of one update: average gradients over ranks (torchrun), clip, step, or skip the
-    step when any rank's loss or the gradient is not finite. -> the gradient norm, or None if skipped."""
-    finite = sync_gradients(model, finite, n_rows)                           # torchrun: mean over ranks
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if finite else None
-    if finite and torch.isfinite(grad_norm):
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)                                    # free them until the next
-    return float(grad_norm) if finite and torch.isfinite(grad_norm) else None
-
-
 def ppo_update(model, optimizer, train, advs, ref_logps, cfg, recipe, pad_id):
     """PPO mini-batches over prompts, micro-batches for memory; one optimizer step per mini-batch.
     pi_old: re-scored by the trainer (cfg.recompute_logp, default) or the sampler's log-probs. Forward
@@ -1670,778 +1081,8 @@ def ppo_update(model, optimizer, train, advs, ref_logps, cfg, recipe, pad_id):
 
 
 # ---------------------------------------------------------------------------------------------
-# Cold-start SFT (the paper's first stage): traces with the tag protocol inline
-# ---------------------------------------------------------------------------------------------
-def trace_segments(response):
-    """An SFT response -> [(text, is_tool_result)], split at its ` <result>\n...\n</result>` spans
-    (exactly what the agent loop appends after a call, so tokens split the same way as in RL).
-    Example: "<python>print(1)</python> <result>\n1\n</result> <answer>\\boxed{1}</answer>"
-             -> [("<python>print(1)</python>", False), (" <result>\n1\n</result>", True),
-                 (" <answer>\\boxed{1}</answer>", False)].
-    """
-    parts, pos = [], 0
-    for m in tools.RESULT_SPAN.finditer(response):
-        parts += [(response[pos:m.start()], False), (m.group(0), True)]
-        pos = m.end()
-    parts.append((response[pos:], False))
-    return [(text, is_result) for text, is_result in parts if text]
-
-
-def sft_rollout(tokenizer, prompt, response):
-    """One SFT example as a Rollout: the response's own text is m_t = 1 (trained), its tool results
-    m_t = 0, and EOS closes the turn. Each segment is tokenised alone, as the agent loop does
-    (results with special-token strings as plain text, result_ids)."""
-    r = Rollout(example=0, prompt=prompt)
-    for text, is_result in trace_segments(response):
-        ids = (result_ids(tokenizer, text) if is_result
-               else tokenizer(text, add_special_tokens=False)["input_ids"])
-        r.tokens += ids
-        r.mask += [0 if is_result else 1] * len(ids)
-    r.tokens.append(tokenizer.eos_token_id)
-    r.mask.append(1)
-    return r
-
-
-def sft(model, rows, *, steps, batch_size, lr, warmup, seed, pad_id, dtype="float32", desc="sft"):
-    """Cold-start SFT: next-token loss on the m_t = 1 tokens of `rows` (Rollouts), mean over tokens.
-
-    AdamW (betas 0.9 / 0.95), linear warm-up for `warmup` steps, then cosine decay to 10 % of lr;
-    batches drawn with a seeded generator. Returns the per-step losses."""
-    device = next(model.parameters()).device
-    rng = random.Random(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
-    shape = lambda s: (min(1.0, (s + 1) / max(warmup, 1))
-                       * (0.55 + 0.45 * math.cos(math.pi * s / max(steps, 1))))   # warm-up, cosine to 10 %
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, shape)
-    model.train()
-    losses, bar = [], progress(range(steps), desc=desc)
-    for _ in bar:
-        batch = rng.sample(rows, min(batch_size, len(rows)))
-        with autocast(device, dtype):
-            logp, _, mask = response_logprobs(model, batch, 1.0, pad_id)
-        loss = -(logp * mask).sum() / mask.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    return losses
-
-
-def build_toy(cfg):
-    """The embedded default (toy.py): world, tokenizer, tiny model and cold-start SFT, each cached
-    in out_dir. -> (SFT checkpoint dir, splits {sft, rl, val, test})."""
-    import toy
-    sizes = {"test": cfg.toy_test_size, "val": cfg.toy_val_size, "rl": cfg.toy_rl_size,
-             "sft": cfg.toy_sft_size}
-    splits, corpus, init = toy.build(
-        cfg.toy_dir or cfg.out_dir, cfg.seed, sizes, cfg.toy_wrong_rate, cfg.toy_error_rate, cfg.toy_hidden,
-        cfg.toy_layers, cfg.toy_heads,
-        prompt_text=lambda q: build_prompt_text(q, toy.SYSTEM_PROMPT))
-    cfg.search_corpus = cfg.search_corpus or corpus
-    cfg.system_prompt = toy.SYSTEM_PROMPT
-    sft_dir = os.path.join(cfg.toy_dir or cfg.out_dir, "sft")
-    if os.path.exists(os.path.join(sft_dir, "config.json")):
-        return sft_dir, splits
-    if not os.path.exists(os.path.join(sft_dir, "config.json")):
-        tokenizer = load_model(init, cfg)[1]
-        if tokenizer.tokenize("Kalove 714") != ["Ka", "lo", "ve", " ", "7", "1", "4"]:
-            raise RuntimeError(f"the toy tokenizer did not load back intact from {init} "
-                               f"({type(tokenizer).__name__})")
-    return cold_start(cfg, init, splits["sft"], sft_dir), splits
-
-
-def load_traces(path):
-    """Cold-start SFT traces (JSONL) -> [{messages (the prompt turns) or question, kind, response}].
-    A row holds chat `messages` ending with the assistant's turn, or `question` + `response`; the
-    response carries the tag protocol inline (<python>..</python> <result>..</result> ...
-    <answer>\\boxed{..}</answer>). A row without an assistant turn, or with tags that do not balance,
-    raises DataError naming the file and line."""
-    out = []
-    for n, row in read_jsonl(path, numbered=True):
-        where = f"{path}:{n}"
-        messages = row.get("messages") if isinstance(row, dict) else None
-        if messages is not None:
-            if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
-                raise DataError(f"{where}: `messages` must end with the assistant's turn")
-            row = {"messages": messages[:-1], "question": "", "response": messages[-1].get("content") or ""}
-        elif not isinstance(row, dict) or not row.get("question") or "response" not in row:
-            raise DataError(f"{where}: needs `messages` (ending with the assistant's turn) or "
-                            "question + response")
-        if format_error(row["response"]) == "unbalanced_tags":
-            raise DataError(f"{where}: the response's tags do not balance (every <tag> needs its </tag>)")
-        out.append({"messages": row.get("messages"), "question": row["question"],
-                    "kind": row.get("kind", "qa"), "response": row["response"]})
-    if not out:
-        raise DataError(f"{path}: no traces")
-    return out
-
-
-def cold_start(cfg, init, traces, sft_dir):
-    """The paper's first stage: SFT of the model at `init` on `traces` (load_traces rows), loss on
-    the assistant's own tokens only; cached: an existing checkpoint at sft_dir is used as it is.
-    -> sft_dir, which RL (or a later run, --model=sft_dir) starts from."""
-    if os.path.exists(os.path.join(sft_dir, "config.json")):
-        return sft_dir
-    model, tokenizer = load_model(init, cfg)
-    rows = [sft_rollout(tokenizer, build_prompt(tokenizer, t["question"], t["kind"], cfg.system_prompt,
-                                                t.get("messages")), t["response"]) for t in traces]
-    steps = cfg.sft_steps
-    if cfg.sft_epochs > 0:
-        steps = math.ceil(cfg.sft_epochs * len(rows) / cfg.sft_batch_size)
-    losses = sft(model, rows, steps=steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
-                 warmup=cfg.sft_warmup, seed=cfg.seed, pad_id=tokenizer.pad_token_id, dtype=cfg.dtype)
-    save_hf(model, tokenizer, sft_dir)
-    if losses:
-        print(f"cold-start SFT: {steps} steps on {len(rows)} traces, "
-              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    return sft_dir
-
-
-# ---------------------------------------------------------------------------------------------
-# Infrastructure: data, models, checkpoints, logging (kept out of the math)
-# ---------------------------------------------------------------------------------------------
-def write_jsonl(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, path)
-
-
-def progress(iterable=None, **kw):
-    from tqdm.auto import tqdm
-    return tqdm(iterable, dynamic_ncols=True, mininterval=1.0, **kw)
-
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():                               # under torchrun: this rank's GPU
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def launched():
-    """(rank, world) this process was started as, read from torchrun's environment before any process
-    group exists: (0, 1) for a plain `python appo.py`."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def under_torchrun():
-    """True when a launcher started this process as a rank (a 1-process torchrun included, so that
-    the NCCL path can be tried on one GPU)."""
-    return launched()[1] > 1 or "TORCHELASTIC_RUN_ID" in os.environ
-
-
-def launch_store(timeout_min):
-    """torchrun's key-value store (TCPStore), joined before the process group, or None in a plain
-    process: ranks wait there for rank 0's one-off work, which no collective timeout then limits."""
-    if not under_torchrun():
-        return None
-    rank, world = launched()
-    store, _, _ = next(torch.distributed.rendezvous("env://", rank, world,
-                                                    timeout=timedelta(minutes=timeout_min)))
-    return store
-
-
-RANK0_DONE = "appo/rank0_done"
-
-
-def rank0_first(fn, rank, store):
-    """fn() on rank 0, then on the other ranks once it returned (they read what it cached: the toy
-    world, the SFT checkpoint). They wait on the store, not in a collective, so a cold-start SFT of
-    any length cannot time them out; if rank 0 fails, torchrun stops them."""
-    if store is None:
-        return fn()
-    if rank == 0:
-        out = fn()
-        store.set(RANK0_DONE, "1")
-        return out
-    store.wait([RANK0_DONE], timedelta(days=30))
-    return fn()
-
-
-def init_distributed(device=None, timeout_min=30.0, store=None):
-    """Under torchrun join the process group -> (rank, world): nccl on this rank's GPU (LOCAL_RANK,
-    made the current device first: all_gather_object and NCCL put their buffers on the current
-    device, which is GPU 0 on every rank otherwise), gloo when the run's device is the CPU. `store`:
-    the one launch_store joined (rank 0 may host it, so it cannot be made twice). A plain
-    `python appo.py` returns (0, 1) and makes no torch.distributed call."""
-    if not under_torchrun():
-        return 0, 1
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        device = device or pick_device("auto")
-        rank, world = launched()
-        kw = {"timeout": timedelta(minutes=timeout_min)}
-        if store is not None:
-            kw.update(store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world)
-        if device.type == "cuda":
-            index = int(os.environ.get("LOCAL_RANK", "0")) if device.index is None else device.index
-            torch.cuda.set_device(index)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", index), **kw)
-        else:
-            dist.init_process_group("gloo", **kw)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-GRAD_BUCKET_BYTES = 32 * 2 ** 20
-
-
-def grad_buckets(params, limit=GRAD_BUCKET_BYTES):
-    """Consecutive parameters of one dtype and device, up to `limit` bytes of gradient each (a
-    parameter larger than the limit is a bucket alone)."""
-    buckets, size = [], 0
-    for p in params:
-        nbytes = p.numel() * p.element_size()
-        last = buckets[-1][-1] if buckets else None
-        if last is None or size + nbytes > limit or (p.dtype, p.device) != (last.dtype, last.device):
-            buckets.append([])
-            size = 0
-        buckets[-1].append(p)
-        size += nbytes
-    return buckets
-
-
-def sync_gradients(model, finite, n_local, bucket_bytes=GRAD_BUCKET_BYTES):
-    """Data parallel: turn each rank's gradient of its own rollout mean into the gradient of the mean
-    over every rank's rollouts (each weighted by its n_local rows; what DistributedDataParallel does
-    for equal shares, written out because the chunked log-prob path calls the model's layers, not a
-    wrapped forward), and agree on whether every rank's loss was finite. Gradients travel flattened
-    in buckets of ~32 MB: one all-reduce per bucket and one host sync in all, instead of one of each
-    per parameter (~290 for a 0.5B model). One process: nothing to do."""
-    if not distributed():
-        return finite
-    dist, device = torch.distributed, next(model.parameters()).device
-    head = torch.tensor([float(not finite), float(n_local)], device=device)
-    dist.all_reduce(head)                                            # ranks with a bad loss, rows in all
-    bad, n = head.tolist()
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:                                           # unused here, maybe not elsewhere
-            p.grad = torch.zeros_like(p)
-    for bucket in grad_buckets(params, bucket_bytes):
-        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-        flat *= n_local / n
-        dist.all_reduce(flat)
-        offset = 0
-        for p in bucket:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
-    return bad == 0
-
-
-def rank_world():
-    """(rank, world) in the joined process group; (0, 1) without one."""
-    if not distributed():
-        return 0, 1
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def gather(obj):
-    """Every rank's `obj` on every rank (a list of one in a single process)."""
-    if not distributed():
-        return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def barrier():
-    if distributed():
-        torch.distributed.barrier()
-
-
-def compute_dtype(name, device):
-    """--dtype -> the dtype forward passes run in (weights stay float32)."""
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def autocast(device, name):
-    """Forward passes in bf16 over float32 master weights (a no-op context for float32)."""
-    dtype = compute_dtype(name, device)
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def load_model(name_or_path, cfg):
-    """Any Hugging Face causal LM -> (model, tokenizer) on cfg.device, weights in float32 (the
-    master weights AdamW updates; cfg.dtype only sets the autocast dtype of forward passes).
-    A model or tokenizer that cannot be loaded stops with one line (exit code 2)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    device = pick_device(cfg.device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32).to(device)
-    except (OSError, ValueError) as e:
-        stop("appo.py", f"cannot load model {name_or_path!r}: {str(e).strip().splitlines()[0]}")
-    disable_dropout(model)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = True      # generation still uses the KV cache
-    model.eval()
-    return model, tokenizer
-
-
-def disable_dropout(model):
-    """Dropout off everywhere (TRL's default for RL too): sampling runs in eval mode and the loss in
-    train mode, so with dropout the two would be different functions and the PPO ratio noise. Covers
-    nn.Dropout modules and the float rates attention layers read in forward (`attention_dropout`)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name in ("attention_dropout", "dropout", "attn_dropout", "resid_dropout"):
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
-    for key, value in list(vars(model.config).items()):
-        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
-            setattr(model.config, key, 0.0)                      # saved checkpoints keep it off
-    return model
-
-
-def make_search(cfg):
-    """The search tool from the settings (cache first, then corpus or URL), or None."""
-    if not (cfg.search_corpus or cfg.search_url or cfg.search_cache):
-        return None
-    return tools.Search(corpus=cfg.search_corpus or None, url=cfg.search_url or None,
-                        cache=cfg.search_cache or None, topk=cfg.search_topk)
-
-
-class DataError(ValueError):
-    """A data row a user must fix; the message starts with `file:line`."""
-
-
-def read_jsonl(path, numbered=False):
-    """JSON Lines -> list of objects (or (line number, object) pairs); bad JSON -> DataError."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    return rows if numbered else [row for _, row in rows]
-
-
-def load_examples(path):
-    """verl parquet or JSONL -> [{question, answer: [aliases], kind, messages}], every row checked.
-
-    verl rows: chat `prompt`, `reward_model.ground_truth`, `ability` (math -> math, else qa).
-    JSONL rows: `question`, `answer` (string, number or list of aliases), optional `kind` math|qa.
-    A bad row raises DataError naming the file and line (parquet: row) before any work starts.
-    """
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq                            # ships with `datasets`
-        rows = list(enumerate(pq.read_table(path).to_pylist(), 1))
-    else:
-        rows = read_jsonl(path, numbered=True)
-    out = []
-    for n, row in rows:
-        where = f"{path}:{n}" if not path.endswith(".parquet") else f"{path}: row {n}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
-        if "prompt" in row and "reward_model" in row:                 # verl format
-            try:
-                messages = [{"role": m["role"], "content": m["content"].replace("\x08", "\\b")}
-                            for m in row["prompt"]]                    # the paper's \b became a backspace
-                gold = row["reward_model"]["ground_truth"]
-            except (KeyError, TypeError, AttributeError) as e:
-                raise DataError(f"{where}: malformed verl row ({e!r})") from None
-            question = (row.get("extra_info") or {}).get("question") or messages[-1]["content"]
-            kind = "math" if row.get("ability") == "math" else "qa"
-        elif "question" in row and "answer" in row:
-            messages, gold, question = None, row["answer"], row["question"]
-            kind = row.get("kind") or "qa"
-        else:
-            raise DataError(f"{where}: needs `question` and `answer` (or verl `prompt` and `reward_model`)")
-        if kind not in ("math", "qa"):
-            raise DataError(f"{where}: kind must be 'math' or 'qa', got {kind!r}")
-        if not isinstance(question, str) or not question.strip():
-            raise DataError(f"{where}: the question must be a non-empty string")
-        golds = [str(g) for g in gold] if isinstance(gold, (list, tuple)) else [str(gold)]
-        if gold is None or not golds or not all(g.strip() for g in golds):
-            raise DataError(f"{where}: the answer must be a non-empty string, number or list of them")
-        out.append({"question": question, "answer": golds, "kind": kind, "messages": messages,
-                    **({"type": str(row["type"])} if row.get("type") else {})})   # reported per type
-    if not out:
-        raise DataError(f"{path}: no rows")
-    return out
-
-
-def example_prompt(tokenizer, ex, cfg):
-    return build_prompt(tokenizer, ex["question"], ex["kind"], cfg.system_prompt, ex.get("messages"))
-
-
-def content_token_mask(tokenizer):
-    """(len(tokenizer),) bool: tokens with a letter or digit in them (whitespace and punctuation
-    cannot branch). Ids beyond the tokenizer (a model vocab padded past it) count as False."""
-    return torch.tensor([any(ch.isalnum() for ch in t) for t in token_texts(tokenizer)], dtype=torch.bool)
-
-
-def save_hf(model, tokenizer, path, extra=None):
-    """Write a Hugging Face checkpoint (plus `extra` torch state) atomically: a crash at any moment
-    leaves the previous one at `path`, or at `path`.old mid-swap, which load_checkpoint also finds."""
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if extra is not None:
-        torch.save(extra, os.path.join(tmp, "trainer_state.pt"))
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_onto(device):
-    """torch.load's map_location for a trainer state: what was saved from an accelerator (AdamW's
-    moments, from rank 0's GPU) comes back on `device`, this rank's, instead of on the GPU it was
-    saved from (without it every rank puts a copy on cuda:0); CPU tensors (RNG states, AdamW's step
-    counts) stay on the CPU, where set_rng_state and AdamW expect them."""
-    return lambda storage, location: storage if location == "cpu" else storage.to(device=device)
-
-
-def find_checkpoint(path):
-    for p in (path, path + ".old"):
-        if os.path.exists(os.path.join(p, "trainer_state.pt")):
-            return p
-    return None
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed)
-    except ImportError:
-        pass
-
-
-def answer_metrics(examples, rollouts, k=1):
-    """Metrics of answers: rollouts[i * k + j] is sample j for examples[i]. Per question type
-    (the toy's `type`, else math / qa): accuracy (mean score), tool calls per answer; the share of
-    bad formats by cause (truncated, no_answer, unbalanced_tags); tokens the model generated per
-    answer; with k > 1, pass@k (a question counts when any sample scores >= 1)."""
-    out, by_type = {}, {}
-    for i, ex in enumerate(examples):
-        by_type.setdefault(ex.get("type", ex["kind"]), []).append(i)
-    for r in rollouts:
-        ex = examples[r.example]
-        res = compute_reward(r.text, ex["answer"], ex["kind"])
-        r.reward, r.score, r.format_ok = res["reward"], res["score"], res["format_ok"]
-        r.format_error = "truncated" if r.truncated and not r.format_ok else res["format_error"]
-    mean = lambda xs: sum(xs) / max(len(xs), 1)
-    out["acc"] = mean([r.score for r in rollouts])
-    for t, idx in sorted(by_type.items()):
-        mine = [rollouts[i * k + j] for i in idx for j in range(k)]
-        out[f"acc/{t}"] = mean([r.score for r in mine])
-        out[f"tool_calls/{t}"] = mean([r.tool_calls for r in mine])
-        if k > 1:
-            out[f"pass@{k}/{t}"] = mean([any(rollouts[i * k + j].score >= 1 for j in range(k)) for i in idx])
-    if k > 1:
-        out[f"pass@{k}"] = mean([any(rollouts[i * k + j].score >= 1 for j in range(k))
-                                 for i in range(len(examples))])
-    for cause in ("truncated", "no_answer", "unbalanced_tags"):
-        out[f"bad_format/{cause}"] = mean([r.format_error == cause for r in rollouts])
-    out["tokens/answer"] = mean([sum(r.mask) for r in rollouts])
-    return out
-
-
-def evaluate(model, tokenizer, examples, cfg, box, desc="eval", samples=1):
-    """The tool agent on `examples` -> answer_metrics: greedy (samples=1, pass@1) or `samples`
-    answers per question at the training temperature (pass@k). Under torchrun each rank answers
-    every world-th question and every rank gets the metrics of all of them: no rank idles in a
-    collective while one evaluates alone, and N GPUs evaluate N times as fast."""
-    rank, world = rank_world()
-    mine = list(range(rank, len(examples), world))
-    rollouts = answer(model, tokenizer, [examples[i] for i in mine], cfg, box, desc, samples)
-    for r in rollouts:
-        r.example = mine[r.example]
-    if world > 1:                                      # what answer_metrics reads, not per-token lists
-        light = [dataclasses.replace(r, tokens=[], logp=[], entropy=[], signals={}) for r in rollouts]
-        rollouts = sorted((r for part in gather(light) for r in part), key=lambda r: r.example)
-    return answer_metrics(examples, rollouts, samples)
-
-
-def answer(model, tokenizer, examples, cfg, box, desc, samples):
-    """`samples` answers per example in gen_batch_size batches; rollout i * samples + j is sample j of
-    examples[i] (its `example`)."""
-    model.eval()
-    sampling = sampling_of(cfg, greedy=samples == 1)
-    device = next(model.parameters()).device
-    prompts = [example_prompt(tokenizer, e, cfg) for e in examples for _ in range(samples)]
-    rollouts, bar = [], progress(total=len(prompts), desc=desc, disable=rank_world()[0] > 0)
-    for i in range(0, len(prompts), cfg.gen_batch_size):
-        with autocast(device, cfg.dtype):
-            part = run_agent(model, tokenizer, prompts[i:i + cfg.gen_batch_size], sampling, box)
-        for j, r in enumerate(part):
-            r.example = (i + j) // samples
-        rollouts += part
-        bar.update(len(part))
-    bar.close()
-    return rollouts
-
-
-def frozen_copy(model):
-    """A gradient-free copy of the policy kept on the CPU (moved to the accelerator only to score)."""
-    twin = copy.deepcopy(model).to("cpu").eval()
-    twin.requires_grad_(False)
-    return twin
-
-
-def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"].cpu())                   # RNG states must be CPU byte tensors
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-# ---------------------------------------------------------------------------------------------
 # main: the algorithm box of the paper
 # ---------------------------------------------------------------------------------------------
-def load_data(cfg):
-    """-> (model to start from, train, val, test). Data rows are checked before any work; without
-    --model the toy world is built (cached under toy_dir) and its splits are used."""
-    try:
-        train, val, test = (load_examples(p) if p else None
-                            for p in (cfg.train_data, cfg.val_data, cfg.test_data))
-        traces = load_traces(cfg.sft_data) if cfg.sft_data else None
-    except DataError as e:
-        stop("appo.py", str(e))
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    model_path = cfg.model
-    if cfg.model and cfg.sft_data:                              # the paper's cold start, then RL
-        model_path = cold_start(cfg, cfg.model, traces, os.path.join(cfg.out_dir, "sft"))
-    if not cfg.model:                                           # embedded default: the toy world
-        model_path, splits = build_toy(cfg)
-        train, val, test = train or splits["rl"], val or splits["val"], test or splits["test"]
-    test = (test or [])[:cfg.eval_limit] if cfg.eval_limit else (test or [])
-    return model_path, train, val or [], test
-
-
-def step_metrics(step, batch, rollouts, tree, update, seconds):
-    """One line of metrics.jsonl: reward and its parts, accuracy / tool calls / bad formats by
-    question type, the tree, what the step cost, the update. Names are namespaced."""
-    mean = lambda xs: sum(xs) / max(len(xs), 1)
-    by_type = {}
-    for r in rollouts:
-        by_type.setdefault(batch[r.example].get("type", batch[r.example]["kind"]), []).append(r)
-    sampled = [h for r in rollouts for h, m in zip(r.entropy[r.fork:], r.mask[r.fork:]) if m]
-    m = {"step": step, "reward/mean": mean([r.reward for r in rollouts]),
-         "reward/score": mean([r.score for r in rollouts]),
-         "reward/format_ok": mean([r.format_ok for r in rollouts]),
-         "acc/initial": mean([r.score for r in rollouts if r.parent < 0])}
-    m.update({f"acc/{t}": mean([r.score for r in rs]) for t, rs in sorted(by_type.items())})
-    m.update({f"tools/calls_{t}": mean([r.tool_calls for r in rs]) for t, rs in sorted(by_type.items())})
-    for cause in ("truncated", "no_answer", "unbalanced_tags"):
-        m[f"format/{cause}"] = mean([r.format_error == cause for r in rollouts])
-    m.update({"tree/rollouts": len(rollouts), "tree/branches": sum(r.parent >= 0 for r in rollouts),
-              **tree,
-              "cost/tokens_generated": sum(sum(r.mask[r.fork:]) for r in rollouts),
-              "cost/tool_calls": sum(sum(1 for c in r.calls if c[2] > r.fork) for r in rollouts),
-              "policy/entropy": mean(sampled), **update,
-              **{f"time/{k}_s": round(v, 3) for k, v in seconds.items()}})
-    return m
-
-
-def rollout_record(r, index, texts):
-    """One rollout for the tree page: its tokens as text and every per-token signal (report.py)."""
-    sig = r.signals
-    return {"id": index[id(r)], "parent": index.get(r.parent, -1), "root": index.get(r.root, -1),
-            "fork": r.fork,
-            "branch_pos": r.branch_pos, "tokens": [texts[t] if t < len(texts) else "" for t in r.tokens],
-            "mask": r.mask, "entropy": r.entropy, "omega": sig.get("omega"), "z_h": sig.get("z_h"),
-            "z_omega": sig.get("z_omega"), "bs": sig.get("bs"), "tier": sig.get("tier"),
-            "candidate": sig.get("candidate"),
-            "adv": r.adv or None, "branch_points": r.branch_points, "reward": r.reward, "score": r.score,
-            "format_ok": r.format_ok, "tool_calls": r.tool_calls, "truncated": r.truncated,
-            "trained": bool(r.adv)}
-
-
-def step_record(step, cfg, batch, rollouts, texts, n_prompts):
-    """The data of one step's tree page: the first n_prompts prompts with all their rollouts."""
-    prompts = []
-    for e in range(min(n_prompts, len(batch))):
-        mine = [(i, r) for i, r in enumerate(rollouts) if r.example == e]
-        index = {i: k for k, (i, _) in enumerate(mine)} | {id(r): k for k, (_, r) in enumerate(mine)}
-        ex = batch[e]
-        prompts.append({"question": ex["question"], "answer": ex["answer"], "kind": ex["kind"],
-                        "rollouts": [rollout_record(r, index, texts) for _, r in mine]})
-    return {"step": step, "algo": cfg.algo, "run": cfg.out_dir, "prompts": prompts}
-
-
-def make_reporter(cfg):
-    """Optional mirrors of metrics.jsonl: TensorBoard or Weights & Biases -> log(metrics) or None."""
-    if cfg.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
-        return lambda m: [writer.add_scalar(k, v, m["step"]) for k, v in m.items()
-                          if k != "step" and isinstance(v, (int, float))] and writer.flush()
-    if cfg.report_to == "wandb":
-        import wandb
-        run = wandb.init(project="appo", dir=cfg.out_dir, config=dataclasses.asdict(cfg))
-        return lambda m: run.log(m, step=m["step"])
-    return None
-
-
-def print_step(m, steps):
-    print(f"step {m['step']}/{steps} reward {m['reward/mean']:+.3f} score {m['reward/score']:.3f} "
-          f"bad {1 - m['reward/format_ok']:.2f} branches {m['tree/branches']} "
-          f"degenerate {m['tree/omega_degenerate']} tokens {m['cost/tokens_generated']} "
-          f"loss {m.get('loss/loss', float('nan')):+.4f} clip {m.get('loss/clipfrac', 0):.3f} "
-          f"kl {m.get('loss/approx_kl', 0):.4f} t {m['time/rollout_s']:.1f}+{m['time/update_s']:.1f}s",
-          flush=True)
-
-
-@dataclass
-class Run:
-    """What a training run holds between steps (infrastructure, kept out of the math)."""
-    cfg: Config
-    recipe: Recipe
-    model: object
-    tokenizer: object
-    optimizer: object
-    anchor: object                      # pi_anchor of Eq. 4 (a CPU copy; None for the sampler anchor)
-    ref: object                         # the initial policy, for the KL term or the ref anchor
-    box: dict                           # the tools
-    start: int = 0                      # last finished step (a resumed run goes on from it)
-    before: dict = None                 # the SFT checkpoint's evaluation, measured once
-    rank: int = 0                       # this process under torchrun (0 alone logs, evaluates, saves)
-
-    @property
-    def metrics_path(self):
-        return os.path.join(self.cfg.out_dir, "metrics.jsonl")
-
-
-def start_run(cfg, recipe, model_path, rank=0, world=1):
-    """Model, anchor, reference, optimizer and tools; from the last checkpoint when --resume."""
-    ckpt = find_checkpoint(os.path.join(cfg.out_dir, "ckpt")) if cfg.resume else None
-    model, tokenizer = load_model(ckpt or model_path, cfg)
-    seed_everything(cfg.seed + rank)            # RL draws the same whether or not the toy was just built
-    if rank == 0:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({**dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe), "world": world,
-                       "torch_threads": torch.get_num_threads()}, f, indent=2)    # results depend on it (CPU)
-    needs_ref = cfg.kl_coef > 0 or cfg.omega_anchor == "ref"
-    ref = frozen_copy(load_model(model_path, cfg)[0]) if needs_ref else None
-    anchor = {"prev": frozen_copy(model), "ref": ref, "sampler": None}[cfg.omega_anchor]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run = Run(cfg, recipe, model, tokenizer, optimizer, anchor, ref,
-              tools.toolbox(search_backend=make_search(cfg), timeout=cfg.tool_timeout), rank=rank)
-    if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False,
-                           map_location=load_onto(next(model.parameters()).device))
-        run.optimizer.load_state_dict(state["optimizer"])
-        if state.get("anchor") is not None:
-            run.anchor.load_state_dict(state["anchor"])
-        run.start, run.before = state["step"], state["before"]
-        set_rng_state(state["rng"][rank])                      # every rank's own stream
-        if rank == 0:
-            kept = [m for m in read_jsonl(run.metrics_path) if m["step"] <= run.start] \
-                if os.path.exists(run.metrics_path) else []
-            write_jsonl(run.metrics_path, kept)                # drop steps logged after the checkpoint
-            print(f"resumed from {ckpt} at step {run.start}")
-    elif rank == 0 and os.path.exists(run.metrics_path):
-        os.remove(run.metrics_path)
-    return run
-
-
-def save_checkpoint(run, step):
-    """HF checkpoint + optimizer, anchor, every rank's RNG and the SFT evaluation, atomically (see
-    save_hf), written by rank 0."""
-    rngs = gather(rng_state())
-    if run.rank == 0:
-        save_hf(run.model, run.tokenizer, os.path.join(run.cfg.out_dir, "ckpt"), extra={
-            "step": step, "optimizer": run.optimizer.state_dict(), "before": run.before, "rng": rngs,
-            "anchor": run.anchor.state_dict() if run.cfg.omega_anchor == "prev" else None})
-    barrier()
-
-
-def log_step(run, step, batch, rollouts, tree, update, seconds, reporter):
-    """metrics.jsonl (and the optional mirror), the tree page every tree_every steps, and at each
-    checkpoint the curves and the run's index page."""
-    cfg, texts = run.cfg, token_texts(run.tokenizer)
-    m = step_metrics(step, batch, rollouts, tree, update, seconds)
-    m.update(report.fork_statistics([rollout_record(r, {id(r): 0}, texts) for r in rollouts]))
-    m = combine_ranks(gather(m))
-    if run.rank == 0:
-        with open(run.metrics_path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        print_step(m, cfg.steps)
-        if reporter:
-            reporter(m)
-    if run.rank == 0 and cfg.tree_every and (step % cfg.tree_every == 0 or step == cfg.steps):
-        record = step_record(step, cfg, batch, rollouts, texts, cfg.tree_prompts)
-        with open(os.path.join(cfg.out_dir, f"tree_step{step}.json"), "w") as f:
-            json.dump(record, f)
-        report.write_tree_page(record, os.path.join(cfg.out_dir, f"tree_step{step}.html"))
-    if step % cfg.save_every == 0 or step == cfg.steps:
-        save_checkpoint(run, step)
-        if run.rank == 0:
-            report.plot_curves(read_jsonl(run.metrics_path), os.path.join(cfg.out_dir, "curves.png"))
-            report.write_index(cfg.out_dir)
-
-
-def combine_ranks(metrics):
-    """One step's metrics from every rank -> one line: counts (tree sizes, costs) add up, seconds
-    are the slowest rank's (the step waits for it), the rest (means, rates) is averaged over ranks.
-    One rank: unchanged."""
-    if len(metrics) == 1:
-        return metrics[0]
-    count = ("tree/rollouts", "tree/branches", "tree/scored", "tree/omega_degenerate", "cost/", "branch/n_forks")
-    out = {}
-    for k in metrics[0]:
-        v = [m[k] for m in metrics if k in m]
-        out[k] = sum(v) if k.startswith(count) else max(v) if k.startswith("time/") or k == "step" \
-            else sum(v) / len(v)
-    return out
-
-
-def step_batch(train, cfg, step):
-    """The step's prompts: a sample of the train split drawn from (seed, step) alone, so a resumed run
-    draws what the uninterrupted one did."""
-    order = random.Random(cfg.seed * 1_000_003 + step).sample(range(len(train)), min(cfg.prompts_per_step,
-                                                                                      len(train)))
-    return [train[i] for i in order]
-
-
-def evaluate_sft(run, val, test):
-    """The starting checkpoint: greedy accuracy on test, pass@k on validation (rank 0 prints)."""
-    m, tok, cfg = run.model, run.tokenizer, run.cfg
-    before = {"test": evaluate(m, tok, test, cfg, run.box, "test, before RL") if test else {},
-              "val": evaluate(m, tok, val, cfg, run.box, f"val pass@{cfg.pass_k}", cfg.pass_k)
-              if val and cfg.pass_k > 1 else {}}
-    if run.rank == 0:
-        print(f"before RL: test accuracy {before['test'].get('acc', float('nan')):.3f}, "
-              f"val pass@{cfg.pass_k} {before['val'].get(f'pass@{cfg.pass_k}', float('nan')):.3f}")
-    return before
 
 
 def main(argv=None):
@@ -2496,30 +1137,6 @@ def main(argv=None):
     save_hf(model, tokenizer, os.path.join(cfg.out_dir, "final"))
     summary = write_summary(cfg, run.before, after, run.metrics_path, time.time() - t_start)
     barrier()
-    return summary
-
-
-def write_summary(cfg, before, after, metrics_path, wall_s):
-    """summary.json: what the run measured, identical for the same command and seed on one machine
-    (timings go to timing.json, the one thing that differs between two runs)."""
-    rows = read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
-    mean = lambda k: round(sum(m[k] for m in rows) / len(rows), 4) if rows else None
-    summary = {"algo": cfg.algo, "seed": cfg.seed, "steps": cfg.steps, "before_rl": before, "after_rl": after,
-               "gain": {k: round(after[k] - before["test"][k], 4) for k in after if k.startswith("acc")},
-               "rl": {"tokens_generated_per_step": mean("cost/tokens_generated"),
-                      "tool_calls_per_step": mean("cost/tool_calls"), "grad_norm": mean("update/grad_norm"),
-                      "skipped_nonfinite": sum(m["update/skipped_nonfinite"] for m in rows)}}
-    timing = {"wall_s": round(wall_s, 1), **{k: round(sum(m[k] for m in rows), 1)
-                                             for k in (rows[0] if rows else {}) if k.startswith("time/")}}
-    for name, obj in (("summary.json", summary), ("timing.json", timing)):
-        with open(os.path.join(cfg.out_dir, name), "w") as f:
-            json.dump(obj, f, indent=2)
-    if after:
-        kinds = ", ".join(f"{k[4:]} {before['test'][k]:.2f} -> {after[k]:.2f}"
-                          for k in after if k.startswith("acc/"))
-        print(f"held-out accuracy: before RL {before['test']['acc']:.3f}, after RL {after['acc']:.3f} "
-              f"({kinds})")
-    print(json.dumps(timing))
     return summary
 
 

@@ -56,15 +56,15 @@ def memory(logit_chunk="1024", vocab=151_936, T=1024, P=64, rows=4):
 
 
 def stops(T=4096, repeat=20):
-    """What the agent loop pays per token to find stop strings: appo.find_stop on a 4,096-token
+    """What the agent loop pays per token to find stop strings: agent.find_stop on a 4,096-token
     row of 1-3 character pieces with no stop in it (the worst case: every token is checked)."""
-    import appo
+    import agent
     pieces = [("abc", "d", "ef", " ", "<", "/", "py")[i % 7] for i in range(T)]
     start = time.perf_counter()
     for _ in range(repeat):
         tail = ""
         for piece in pieces:
-            assert appo.find_stop(tail, piece) is None
+            assert agent.find_stop(tail, piece) is None
             tail = (tail + piece)[-32:]
     ms = 1000 * (time.perf_counter() - start) / repeat
     print(f"stop detection: {ms:.2f} ms per {T}-token row ({1000 * ms / T:.2f} us per token)")
@@ -76,15 +76,15 @@ def loop(model_dir, rows="64", tokens="128", repeats="3"):
     the same token budget: what the loop's pauses, stop checks and bookkeeping cost. Prompts are
     the toy's questions through the model's own prompt format. Median of `repeats` timed runs
     after one warm-up each."""
-    import appo
+    import appo, agent, runtime, tools
     import tools
     import toy
     rows, tokens, repeats = int(rows), int(tokens), int(repeats)
-    model, tokenizer = appo.load_model(model_dir, appo.Config(device="cpu"))
+    model, tokenizer = runtime.load_model(model_dir, appo.Config(device="cpu"))
     questions, _ = toy.make_world(0)
     examples = [ex for t in toy.TYPES for ex in questions[t][:rows // 3 + 1]][:rows]
-    system = toy.SYSTEM_PROMPT if not tokenizer.chat_template else appo.default_system_prompt(tools.toolbox())
-    prompts = [appo.build_prompt(tokenizer, ex["question"], ex["kind"], system) for ex in examples]
+    system = toy.SYSTEM_PROMPT if not tokenizer.chat_template else tools.default_system_prompt(tools.toolbox())
+    prompts = [agent.build_prompt(tokenizer, ex["question"], ex["kind"], system) for ex in examples]
     instant = {"python": lambda code, earlier: "0", "search": lambda query, earlier: tools.NO_RESULTS}
     sampling = appo.Sampling(temperature=0.7, max_response_tokens=tokens, batch_size=rows)
 
@@ -222,7 +222,7 @@ def kv_bytes_per_token(shape, e):
     return shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * (4 + e)
 
 
-GRAD_BUCKET = 32 * 2 ** 20          # appo.GRAD_BUCKET_BYTES (not imported: appo pulls in the tools)
+GRAD_BUCKET = 32 * 2 ** 20          # runtime.GRAD_BUCKET_BYTES (not imported: appo pulls in the tools)
 
 
 @dataclasses.dataclass
@@ -425,23 +425,23 @@ def comparison_table(rows):
 
 def saved_agent(model_dir, cfg):
     """A saved checkpoint and the tools a run with `cfg` gives it: (model, tokenizer, toolbox)."""
-    import appo
+    import runtime, tools
     import tools
-    model, tok = appo.load_model(model_dir, cfg)
-    return model, tok, tools.toolbox(search_backend=appo.make_search(cfg), timeout=cfg.tool_timeout)
+    model, tok = runtime.load_model(model_dir, cfg)
+    return model, tok, tools.toolbox(search_backend=runtime.make_search(cfg), timeout=cfg.tool_timeout)
 
 
 def sft_check(toy_dir, k="8", tau="0.7"):
     """What a toy SFT checkpoint leaves to RL, on the validation split: greedy accuracy, pass@k at the
     RL temperature, how often samples take the right procedure at the question's decision
     (toy.procedure_ok) and how reliable the mechanics are (the share right among those)."""
-    import appo
+    import appo, runtime
     import toy
     k, tau = int(k), float(tau)
     cfg = appo.Config(device="cpu", search_corpus=os.path.join(toy_dir, "world", "corpus.jsonl"),
                       system_prompt=toy.SYSTEM_PROMPT)
     model, tok, box = saved_agent(os.path.join(toy_dir, "sft"), cfg)
-    exs = appo.read_jsonl(os.path.join(toy_dir, "world", "val.jsonl"))
+    exs = runtime.read_jsonl(os.path.join(toy_dir, "world", "val.jsonl"))
     prompts = [appo.example_prompt(tok, e, cfg) for e in exs]
     torch.manual_seed(0)
     greedy = appo.run_agent(model, tok, prompts, appo.Sampling(greedy=True, max_response_tokens=cfg.max_response_tokens),
@@ -466,13 +466,13 @@ def sft_check(toy_dir, k="8", tau="0.7"):
 def val(*runs):
     """Greedy accuracy on the validation split of finished toy runs' final checkpoints: how settings
     are chosen without the test split."""
-    import appo
+    import appo, runtime
     for run in runs:
         saved = json.load(open(os.path.join(run, "config.json")))
         cfg = appo.Config(**{k: v for k, v in saved.items() if k in appo.Config.__dataclass_fields__})
         world = os.path.join(cfg.toy_dir or run, "world")
         model, tok, box = saved_agent(os.path.join(run, "final"), cfg)
-        m = appo.evaluate(model, tok, appo.load_examples(os.path.join(world, "val.jsonl")), cfg, box, "val")
+        m = appo.evaluate(model, tok, runtime.load_examples(os.path.join(world, "val.jsonl")), cfg, box, "val")
         print(run, json.dumps({k: round(v, 3) for k, v in m.items() if k == "acc" or k.startswith("acc/")}), flush=True)
 
 

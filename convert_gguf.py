@@ -5,7 +5,7 @@
 
 Needs `pip install gguf accelerate`. The weights are dequantised to float32, the GGUF
 quantisation entry is dropped from the config (so the folder is an ordinary checkpoint), and the
-saved folder is loaded back with appo.load_model to check it gives the same logits.
+saved folder is loaded back with runtime.load_model to check it gives the same logits.
 """
 import os, sys, time
 
@@ -49,11 +49,11 @@ def convert(gguf_path, out_dir):
 
 
 def check(model, out_dir):
-    """Load out_dir with appo.load_model; the max |logit difference| to `model` on a short input."""
+    """Load out_dir with runtime.load_model; the max |logit difference| to `model` on a short input."""
     import torch
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import appo
-    loaded, tokenizer = appo.load_model(out_dir, appo.Config(device="cpu"))
+    import appo, runtime
+    loaded, tokenizer = runtime.load_model(out_dir, appo.Config(device="cpu"))
     ids = torch.tensor([tokenizer("What is 41 + 7 * 51? <python>print(1)</python>")["input_ids"]])
     with torch.no_grad():
         return (loaded(ids).logits - model.eval()(ids).logits).abs().max().item(), loaded, tokenizer

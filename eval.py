@@ -22,7 +22,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from appo import DataError, compute_reward, extract_answer, normalize_answer, read_jsonl
+from appo import compute_reward, extract_answer, normalize_answer
+from runtime import DataError, read_jsonl
 
 
 @dataclass
@@ -80,14 +81,14 @@ class EvalArgs:
 
 def die(message, code=1):
     """Stop with one clear line on stderr instead of a traceback (appo.stop, this script's name)."""
-    from appo import stop
+    from runtime import stop
     stop("eval.py", message, code)
 
 
 def parse_args(argv):
     """--key=value into EvalArgs (appo.py's parser: --help lists the docstrings); a bad key or value
     exits with code 2 and one line."""
-    from appo import parse_settings
+    from runtime import parse_settings
     args = parse_settings(EvalArgs, argv, "eval.py")
     if args.n < 1 or args.limit < 0 or args.batch_size < 1:
         die("--n and --batch_size must be >= 1, --limit >= 0", 2)
@@ -180,7 +181,7 @@ def normalize_row(raw, name):
 
 
 def read_benchmark(path, name):
-    """Rows of a local test.jsonl (appo.read_jsonl); a malformed line stops with the file and line."""
+    """Rows of a local test.jsonl (runtime.read_jsonl); a malformed line stops with the file and line."""
     rows = []
     for lineno, raw in read_jsonl(path, numbered=True):
         row = normalize_row(raw, name) if isinstance(raw, dict) else None
@@ -423,7 +424,7 @@ def agent_settings(args, bench):
     """What appo's agent loop needs for one benchmark -> (Sampling, toolbox, system prompt): this
     run's sampling settings and the paper's budgets; the toy takes the settings its appo.py run
     saved (budgets, system prompt, search top-k), unless overridden here."""
-    import appo
+    import appo, tools
     import tools
     saved, run_config = {}, os.path.join(os.path.dirname(os.path.normpath(args.toy_dir)), "config.json")
     if bench is TOY and os.path.exists(run_config):
@@ -443,16 +444,16 @@ def agent_settings(args, bench):
                                cache=args.search_cache or None,
                                topk=saved.get("search_topk", args.search_topk))
     box = tools.toolbox(search_backend=backend, timeout=saved.get("tool_timeout", 5.0))
-    return sampling, box, args.system_prompt or saved.get("system_prompt") or appo.default_system_prompt(box)
+    return sampling, box, args.system_prompt or saved.get("system_prompt") or tools.default_system_prompt(box)
 
 
 def make_generate(model, tokenizer, sampling, box, system_prompt):
     """generate_fn for evaluate(): appo's prompt, tools and agent loop; nothing re-implemented."""
-    import appo
+    import appo, agent
     device = next(model.parameters()).device
 
     def generate(questions, kinds):
-        prompts = [appo.build_prompt(tokenizer, q, k, system_prompt) for q, k in zip(questions, kinds)]
+        prompts = [agent.build_prompt(tokenizer, q, k, system_prompt) for q, k in zip(questions, kinds)]
         with appo.autocast(device, "auto"):
             return appo.run_agent(model, tokenizer, prompts, sampling, box)
     return generate
@@ -549,14 +550,14 @@ def main(argv=None):
 
 
 def load_agent(args, bench):
-    """(model, tokenizer) through appo.load_model; seeds set first so sampling is repeatable."""
-    import appo
+    """(model, tokenizer) through runtime.load_model; seeds set first so sampling is repeatable."""
+    import appo, runtime
     import torch
     if args.model == EvalArgs.model and not os.path.isdir(args.model):
         die(f"{args.model} not found: run `python appo.py` first, or pass --model=<checkpoint or HF id>")
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    return appo.load_model(args.model, appo.Config(device=args.device))
+    return runtime.load_model(args.model, appo.Config(device=args.device))
 
 
 if __name__ == "__main__":

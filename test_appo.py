@@ -8,6 +8,7 @@ and runs of the scripts at tiny budgets (the test_script_* tests). No network, n
 """
 from html.parser import HTMLParser
 from types import SimpleNamespace
+import copy
 import http.server
 import json
 import math
@@ -42,9 +43,12 @@ from appo import (
     zscore,
 )
 from appo import compute_reward, extract_answer, format_ok, math_equal, token_f1
+import agent
 import appo
 import eval as ev
 import report
+import runtime
+import tools
 
 
 # ===============================================================================================
@@ -81,7 +85,7 @@ def test_tools_adding_a_tool_is_one_function_and_one_entry():
     box = {**toolbox(), "calc": calc}
     assert stop_strings(box)[-1] == "</calc>" and "<calc> expression </calc> evaluates arithmetic" in describe(box)
     assert run_call(box, "so <calc> 6 * 7 </calc>") == ("calc", "6 * 7", "42")
-    assert "calc" in appo.default_system_prompt(box)
+    assert "calc" in tools.default_system_prompt(box)
 
 
 def test_tools_parse_tool_call_well_formed():
@@ -781,7 +785,7 @@ def char_tokenizer(texts, pad="<|pad|>", eos="<|eos|>"):
 def memorise(path, pad="<|pad|>", eos="<|eos|>", extra_vocab=0, generation_config=None, steps=None,
              answer=" <answer>\\boxed{42}</answer>", margin=5.0, lr=3e-3):
     """A 2-layer Llama that has memorised one tool-using trace (then EOS), saved and loaded back
-    through appo.load_model. extra_vocab pads the model's vocab past the tokenizer (as Qwen2.5's).
+    through runtime.load_model. extra_vocab pads the model's vocab past the tokenizer (as Qwen2.5's).
 
     By default it trains until, at every sampled position of the trace, the target's logit beats
     every other logit by `margin` (checked with a full forward pass; fails loudly if not reached).
@@ -800,8 +804,8 @@ def memorise(path, pad="<|pad|>", eos="<|eos|>", extra_vocab=0, generation_confi
     tokenizer.save_pretrained(path)
     if generation_config:
         GenerationConfig(**generation_config).save_pretrained(path)
-    model, tokenizer = appo.load_model(path, tiny_cfg())
-    prompt = appo.build_prompt(tokenizer, "what is 6*7?", "math", system_prompt="Use tools.")
+    model, tokenizer = runtime.load_model(path, tiny_cfg())
+    prompt = agent.build_prompt(tokenizer, "what is 6*7?", "math", system_prompt="Use tools.")
     r = appo.Rollout(example=0, prompt=prompt)
     for text, is_result in [("<python>print(6*7)</python>", False), (" <result>\n42\n</result>", True),
                             (answer, False)]:
@@ -830,7 +834,7 @@ def memorise(path, pad="<|pad|>", eos="<|eos|>", extra_vocab=0, generation_confi
 @torch.no_grad()
 def logit_margin(model, r, pad_id):
     """min over the trace's sampled positions of (target logit - best other logit), full forward."""
-    ids, _, mask, P = appo.pad_batch([r], pad_id, "cpu")
+    ids, _, mask, P = agent.pad_batch([r], pad_id, "cpu")
     logits = model(input_ids=ids).logits[0, P - 1:-1].float()                 # (T, V) predicts y_t
     target = ids[0, P:]
     others = logits.scatter(-1, target[:, None], float("-inf")).amax(-1)       # (T,)
@@ -862,15 +866,15 @@ def test_core_agent_loop_runs_tool_and_masks_result(memorized):
 
 
 def test_core_find_stop_across_a_fork_and_any_split():
-    assert appo.find_stop("<python>x</pyth", "on>") == "</python>"       # the fork split the closing tag
-    assert appo.find_stop("", "</python>") == "</python>"
+    assert agent.find_stop("<python>x</pyth", "on>") == "</python>"       # the fork split the closing tag
+    assert agent.find_stop("", "</python>") == "</python>"
     pieces, tail = list("<search>q</search>"), ""
     for i, p in enumerate(pieces):                                        # one character per token
-        hit = appo.find_stop(tail, p)
+        hit = agent.find_stop(tail, p)
         tail += p
         assert (hit is not None) == (i == len(pieces) - 1)
-    assert appo.find_stop("</python> <result>\n1\n</result>", " x") is None   # an old stop is not found again
-    assert appo.find_stop("<answer>\\boxed{1}</answ", "er>") == "</answer>"
+    assert agent.find_stop("</python> <result>\n1\n</result>", " x") is None   # an old stop is not found again
+    assert agent.find_stop("<answer>\\boxed{1}</answ", "er>") == "</answer>"
 
 
 def scripted_chars(texts, scripts, **tokens):
@@ -924,16 +928,16 @@ def test_core_squeezing_holes_out_of_the_cache_keeps_the_next_logits():
     model = LlamaForCausalLM(config).eval()
     result = list(range(10, 30))                                         # a 20-token tool result
     with torch.no_grad():
-        d, _ = appo.start_decoding(model, [[1, 2, 3, 4, 5], [1, 2, 3], [7, 8]], pad_id=0)
+        d, _ = agent.start_decoding(model, [[1, 2, 3, 4, 5], [1, 2, 3], [7, 8]], pad_id=0)
         for row in range(3):                                             # each row's result at its own step
-            appo.feed(model, d, [result if b == row else [5] for b in range(3)], 0)
-        twin = appo.copy.deepcopy(d)
-        appo.squeeze_holes(twin)
+            agent.feed(model, d, [result if b == row else [5] for b in range(3)], 0)
+        twin = copy.deepcopy(d)
+        agent.squeeze_holes(twin)
         assert d.attn.shape[1] == 65 and twin.attn.shape[1] == int(d.attn.sum(-1).max()) == 27
         assert torch.equal(twin.attn.sum(-1), d.attn.sum(-1)) and torch.equal(twin.pos, d.pos)
         for step in ([[3], [4], [6]], [[8, 9], [], [2]], [[1], [1], [1]]):
-            appo.feed(model, d, step, 0)
-            appo.feed(model, twin, step, 0)
+            agent.feed(model, d, step, 0)
+            agent.feed(model, twin, step, 0)
             assert torch.allclose(d.logits, twin.logits, atol=1e-5), (d.logits - twin.logits).abs().max()
 
 
@@ -1018,21 +1022,21 @@ def test_core_special_token_strings_in_tool_results_are_plain_text():
     SFT alike (it used to become the control token: a turn end inside a result)."""
     tok = char_tokenizer(["x"])
     result = "see <|eos|> and <|pad|>"
-    ids = appo.add_result(appo.Rollout(example=0, prompt=[3]), ("search", "q", result), tok, 96)
+    ids = agent.add_result(appo.Rollout(example=0, prompt=[3]), ("search", "q", result), tok, 96)
     assert not set(ids) & set(tok.all_special_ids) and tok.decode(ids) == format_result(result)
     trace = "<search>q</search>" + format_result(result) + " <answer>\\boxed{1}</answer>"
-    sft = appo.sft_rollout(tok, [3], trace)
+    sft = runtime.sft_rollout(tok, [3], trace)
     assert [t for t, m in zip(sft.tokens, sft.mask) if not m] == ids   # the same tokens as the loop's
     assert sft.tokens.count(tok.eos_token_id) == 1 and sft.tokens[-1] == tok.eos_token_id
 
 
 def test_core_policy_log_softmax_top_p_hand_values_and_gradient():
     z = torch.tensor([0.5, 0.3, 0.2]).log().requires_grad_()
-    logp = appo.policy_log_softmax(z, 0.7)                               # nucleus {0, 1}: mass 0.8 >= 0.7
+    logp = agent.policy_log_softmax(z, 0.7)                               # nucleus {0, 1}: mass 0.8 >= 0.7
     close(logp, [math.log(0.625), math.log(0.375), -1e4])
     grad, = torch.autograd.grad(logp[0], z)                              # through the renormalisation
     close(grad, [1 - 0.625, -0.375, 0.0])
-    assert torch.equal(appo.policy_log_softmax(z, 1.0), z.log_softmax(-1))   # top_p = 1: the plain softmax
+    assert torch.equal(agent.policy_log_softmax(z, 1.0), z.log_softmax(-1))   # top_p = 1: the plain softmax
 
 
 def test_core_top_p_sampler_logprobs_are_the_filtered_policy_the_trainer_scores(tmp_path):
@@ -1181,7 +1185,7 @@ def test_core_candidate_mask_rules():
 
 def perturbed(model, scale=0.01, seed=1):
     """A copy of `model` with noise on its weights: an anchor that differs from the policy."""
-    twin = appo.copy.deepcopy(model)
+    twin = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in twin.parameters():
@@ -1231,7 +1235,7 @@ def test_core_tree_has_exactly_m_rollouts_with_shared_prefixes(memorized, n_init
 def test_core_tree_with_anchor_equal_to_policy_is_degenerate(memorized):
     model, tokenizer, prompt = memorized
     torch.manual_seed(0)
-    _, stats = appo.expand_tree(model, appo.copy.deepcopy(model), tokenizer, [prompt], tiny_cfg(), appo.resolve(tiny_cfg()),
+    _, stats = appo.expand_tree(model, copy.deepcopy(model), tokenizer, [prompt], tiny_cfg(), appo.resolve(tiny_cfg()),
                                 run_python, appo.content_token_mask(tokenizer))
     assert stats["tree/omega_degenerate"] == stats["tree/scored"] > 0   # Omega = 1: entropy fallback
 
@@ -1259,7 +1263,7 @@ def test_core_bf16_anchor_equal_to_policy_is_degenerate_because_both_sides_are_o
     step 1 if its two sides came from the two paths. Both come from the trainer's path, so an anchor
     equal to the policy gives Omega = 1 exactly: every scored rollout is degenerate, on any kernels."""
     model, tokenizer, prompt = half_trained
-    (rollouts, stats), cfg = bf16_tree(model, appo.copy.deepcopy(model), tokenizer, prompt)
+    (rollouts, stats), cfg = bf16_tree(model, copy.deepcopy(model), tokenizer, prompt)
     assert stats["tree/omega_degenerate"] == stats["tree/scored"] == 4
 
 
@@ -1268,8 +1272,8 @@ def test_core_bf16_first_update_has_ratio_one_and_no_clipping(half_trained):
     trainer (the default) the ratio is exactly 1 and nothing is clipped, whatever the sampler's bf16
     log-probs were (on avx2/avx512 kernels they differ: approx KL ~1.7e-7 when they are used)."""
     model, tokenizer, prompt = half_trained
-    policy = appo.copy.deepcopy(model)
-    (rollouts, _), cfg = bf16_tree(policy, appo.copy.deepcopy(model), tokenizer, prompt,
+    policy = copy.deepcopy(model)
+    (rollouts, _), cfg = bf16_tree(policy, copy.deepcopy(model), tokenizer, prompt,
                                    mini_batch_prompts=2, ppo_epochs=1, lr=1e-3)
     for i, r in enumerate(rollouts):
         r.reward = float(i % 2)                                           # non-zero advantages
@@ -1295,10 +1299,10 @@ def test_core_recompute_logp_decides_which_log_probs_are_pi_old(memorized):
             r.logp = [lp + 0.01 for lp in r.logp]                          # the "sampler" was surer
             r.reward, r.root = float(r.example), r.example
         stats = {"tree/omega_degenerate": 0, "tree/scored": 0, "tree/rounds": 0}
-        appo.branch_round(model, appo.copy.deepcopy(model), rollouts, [0, 1], [1, 1], cfg, appo.resolve(cfg),
+        appo.branch_round(model, copy.deepcopy(model), rollouts, [0, 1], [1, 1], cfg, appo.resolve(cfg),
                           appo.content_token_mask(tokenizer), tokenizer.pad_token_id, stats)
         omega_max = max(max(r.signals["omega"]) for r in rollouts)
-        policy = appo.copy.deepcopy(model).train()
+        policy = copy.deepcopy(model).train()
         _, advs = appo.rollout_advantages(rollouts, appo.resolve(tiny_cfg(algo="grpo")))
         update = appo.ppo_update(policy, torch.optim.AdamW(policy.parameters(), lr=cfg.lr), rollouts, advs,
                                  None, cfg, appo.resolve(cfg), tokenizer.pad_token_id)
@@ -1324,7 +1328,7 @@ def test_core_top_p_update_scores_the_policy_it_sampled_from(half_trained):
         for i, r in enumerate(rollouts):
             r.example, r.root, r.reward = i // 2, i, float(i % 2)
         _, advs = appo.rollout_advantages(rollouts, appo.resolve(cfg))
-        policy = appo.copy.deepcopy(model).train()
+        policy = copy.deepcopy(model).train()
         update = appo.ppo_update(policy, torch.optim.AdamW(policy.parameters(), lr=cfg.lr), rollouts, advs, None,
                                  appo.dataclasses.replace(cfg, top_p=top_p), appo.resolve(cfg),
                                  tokenizer.pad_token_id)
@@ -1347,7 +1351,7 @@ def test_core_rl_policy_has_no_dropout(tmp_path):
     raw.model.embed_tokens.register_forward_hook(lambda m, i, out: torch.nn.functional.dropout(out, 0.0))
     raw.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    model, _ = appo.load_model(str(tmp_path), tiny_cfg())
+    model, _ = runtime.load_model(str(tmp_path), tiny_cfg())
     assert model.config.attention_dropout == 0.0
     assert all(getattr(m, "attention_dropout", 0.0) == 0.0 for m in model.modules())
     r = appo.Rollout(example=0, prompt=[3, 4, 5], tokens=list(range(6, 30)), mask=[1] * 24)
@@ -1386,7 +1390,7 @@ def test_core_branch_round_picks_where_the_anchor_differs(monkeypatch):
         scores = {id(policy): lp_policy, id(anchor): lp_anchor}
         monkeypatch.setattr(appo, "score_rollouts", lambda m, rows, *a, **k: [scores[id(m)]] * len(rows))
         stats = {"tree/omega_degenerate": 0, "tree/scored": 0, "tree/rounds": 0}
-        rollout = appo.copy.deepcopy(r)
+        rollout = copy.deepcopy(r)
         new = appo.branch_round(policy, anchor, [rollout], [0], [1], cfg, appo.resolve(cfg), content, 0, stats)
         return [b.branch_pos for b in new], stats["tree/omega_degenerate"]
 
@@ -1442,7 +1446,7 @@ def test_core_chunked_logprobs_match_the_full_logits(memorized):
     rs = [appo.Rollout(example=0, prompt=prompt, tokens=list(range(3, 3 + n)), mask=[1] * n) for n in (17, 9)]
 
     def full_logits_path(m):
-        ids, attn, mask, P = appo.pad_batch(rs, tokenizer.pad_token_id, "cpu")
+        ids, attn, mask, P = agent.pad_batch(rs, tokenizer.pad_token_id, "cpu")
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         full = m(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, P - 1:-1] / 0.7
         logp = full.log_softmax(-1).gather(-1, ids[:, P:, None])[..., 0]
@@ -1452,7 +1456,7 @@ def test_core_chunked_logprobs_match_the_full_logits(memorized):
         return logp.detach(), grad, appo.entropy_from_logits(full.detach()), mask
 
     want, g_want, ent_want, mask = full_logits_path(model)
-    exact, g_exact, _, _ = full_logits_path(appo.copy.deepcopy(model).double())
+    exact, g_exact, _, _ = full_logits_path(copy.deepcopy(model).double())
     got, ent, _ = appo.response_logprobs(model, rs, 0.7, tokenizer.pad_token_id, chunk=4, with_entropy=True)
     (got * mask).sum().backward()
     g_got = model.get_output_embeddings().weight.grad.clone()
@@ -1475,12 +1479,12 @@ def test_core_load_examples_verl_parquet_and_jsonl(tmp_path):
              "ability": "math", "reward_model": {"ground_truth": "3\\sqrt{3}", "style": "rule"},
              "extra_info": {"question": "Q1?", "index": 0}}]
     Dataset.from_list(rows).to_parquet(str(tmp_path / "t.parquet"))
-    (ex,) = appo.load_examples(str(tmp_path / "t.parquet"))
+    (ex,) = runtime.load_examples(str(tmp_path / "t.parquet"))
     assert ex["question"] == "Q1?" and ex["answer"] == ["3\\sqrt{3}"] and ex["kind"] == "math"
     assert ex["messages"][0]["content"] == "use \\boxed{}"               # the dataset's \b typo repaired
     (tmp_path / "q.jsonl").write_text(json.dumps({"question": "Who?", "answer": ["A", "B"]}) + "\n"
                                       + json.dumps({"question": "2+2?", "answer": 4, "kind": "math"}) + "\n")
-    a, b = appo.load_examples(str(tmp_path / "q.jsonl"))
+    a, b = runtime.load_examples(str(tmp_path / "q.jsonl"))
     assert (a["answer"], a["kind"], b["answer"], b["kind"]) == (["A", "B"], "qa", ["4"], "math")
 
 
@@ -1492,8 +1496,8 @@ def test_core_load_examples_verl_parquet_and_jsonl(tmp_path):
 ])
 def test_core_bad_data_rows_name_file_and_line(tmp_path, lines, message):
     (tmp_path / "q.jsonl").write_text("\n".join(lines) + "\n")
-    with pytest.raises(appo.DataError, match=message):
-        appo.load_examples(str(tmp_path / "q.jsonl"))
+    with pytest.raises(runtime.DataError, match=message):
+        runtime.load_examples(str(tmp_path / "q.jsonl"))
 
 
 def test_core_parse_config_rejects_unknown_and_bad_values(capsys):
@@ -1525,7 +1529,7 @@ def test_script_help_shows_every_setting_with_its_meaning(script):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     settings = appo.Config if script == "appo.py" else ev.EvalArgs
-    docs = appo.field_docs(settings)
+    docs = runtime.field_docs(settings)
     for f in appo.dataclasses.fields(settings):
         assert f"--{f.name}=" in out.stdout and docs[f.name], f.name                # every setting documented
         assert docs[f.name].split()[0] in out.stdout
@@ -1713,19 +1717,19 @@ if rank == 0:
 def test_core_single_process_makes_no_distributed_call(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: pytest.fail("joined a group"))
-    assert appo.init_distributed() == (0, 1) and not appo.distributed()
+    assert appo.init_distributed() == (0, 1) and not runtime.distributed()
     layer = torch.nn.Linear(2, 1)
     layer(torch.ones(1, 2)).sum().backward()
     grad = layer.weight.grad.clone()
-    assert appo.sync_gradients(layer, True, 5) is True and torch.equal(layer.weight.grad, grad)
+    assert runtime.sync_gradients(layer, True, 5) is True and torch.equal(layer.weight.grad, grad)
     assert appo.gather({"a": 1}) == [{"a": 1}]
 
 
 def test_core_combine_ranks_sums_counts_averages_rates_takes_slowest_time():
     a = {"step": 3, "tree/rollouts": 64, "cost/tokens_generated": 1000, "reward/mean": 0.5, "time/update_s": 2.0}
     b = {"step": 3, "tree/rollouts": 64, "cost/tokens_generated": 600, "reward/mean": 0.25, "time/update_s": 4.0}
-    assert appo.combine_ranks([a]) is a
-    assert appo.combine_ranks([a, b]) == {"step": 3, "tree/rollouts": 128, "cost/tokens_generated": 1600,
+    assert runtime.combine_ranks([a]) is a
+    assert runtime.combine_ranks([a, b]) == {"step": 3, "tree/rollouts": 128, "cost/tokens_generated": 1600,
                                           "reward/mean": 0.375, "time/update_s": 4.0}
 
 
@@ -1796,10 +1800,10 @@ def test_core_ranks_wait_for_rank0s_cold_start_on_the_store_not_in_a_collective(
     monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: pytest.fail("a collective"))
     log = []
     assert appo.rank0_first(lambda: log.append("work") or "data", 0, FakeStore(log)) == "data"
-    assert log == ["work", ("set", appo.RANK0_DONE)]
+    assert log == ["work", ("set", runtime.RANK0_DONE)]
     log.clear()
     assert appo.rank0_first(lambda: log.append("work") or "data", 1, FakeStore(log)) == "data"
-    assert log[0][:2] == ("wait", (appo.RANK0_DONE,)) and log[0][2] >= 7 * 24 * 3600 and log[1] == "work"
+    assert log[0][:2] == ("wait", (runtime.RANK0_DONE,)) and log[0][2] >= 7 * 24 * 3600 and log[1] == "work"
     assert appo.rank0_first(lambda: "alone", 0, None) == "alone"            # a plain process
 
 
@@ -1839,16 +1843,16 @@ def test_core_sync_gradients_all_reduces_a_few_buckets_not_each_parameter(monkey
     def all_reduce(t, op=None):
         sizes.append(t.numel())
         t.mul_(2)                                                       # the sum over two equal ranks
-    monkeypatch.setattr(appo, "distributed", lambda: True)
+    monkeypatch.setattr(runtime, "distributed", lambda: True)
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    assert appo.sync_gradients(model, True, 5) is True
+    assert runtime.sync_gradients(model, True, 5) is True
     assert sizes == [2, sum(p.numel() for p in model.parameters())]
     assert all(torch.equal(p.grad, w) for p, w in zip(model.parameters(), want))
     sizes.clear()
-    assert appo.sync_gradients(model, True, 5, bucket_bytes=1000) is True  # 250 floats: 3 layers a bucket
+    assert runtime.sync_gradients(model, True, 5, bucket_bytes=1000) is True  # 250 floats: 3 layers a bucket
     assert sizes[0] == 2 and len(sizes) == 1 + 10 and sum(sizes[1:]) == 30 * 72
     assert all(torch.equal(p.grad, w) for p, w in zip(model.parameters(), want))
-    assert appo.sync_gradients(model, False, 5) is False                # any rank's bad loss skips the step
+    assert runtime.sync_gradients(model, False, 5) is False                # any rank's bad loss skips the step
 
 
 def test_core_resume_loads_the_trainer_state_onto_this_ranks_device(tmp_path, monkeypatch):
@@ -1863,7 +1867,7 @@ def test_core_resume_loads_the_trainer_state_onto_this_ranks_device(tmp_path, mo
     cfg = tiny_cfg(out_dir=str(tmp_path / "run"))
     os.makedirs(cfg.out_dir)
     run = appo.start_run(cfg, appo.resolve(cfg), str(tmp_path / "init"))
-    appo.save_checkpoint(run, 3)
+    runtime.save_checkpoint(run, 3)
     seen, load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("map_location")) or load(*a, **k))
     resumed = appo.start_run(appo.dataclasses.replace(cfg, resume=True), appo.resolve(cfg), str(tmp_path / "init"))
@@ -1944,7 +1948,7 @@ def test_core_gpu_plan_saved_activations_are_what_autograd_saves(dtype, rows):
         return t
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
     with hooks, appo.autocast(torch.device("cpu"), dtype):
-        ids, attn, _, _ = appo.pad_batch(rollouts, 0, "cpu")
+        ids, attn, _, _ = agent.pad_batch(rollouts, 0, "cpu")
         model.base_model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                          use_cache=False)
     e, S, d = (2 if dtype == "bfloat16" else 4), ids.shape[1], SMALL_QWEN["hidden_size"]
@@ -2528,7 +2532,7 @@ def demo(path="/tmp/tree.html"):
 # ===============================================================================================
 SMOLLM2_CACHE = os.environ.get("APPO_SMOLLM2_DIR", "/tmp/smollm2-hf")
 CFG = appo.Config(device="cpu")
-SYSTEM = appo.default_system_prompt(toolbox())
+SYSTEM = tools.default_system_prompt(toolbox())
 ARITH = ("I'll compute this with Python.\n<python>print(41 + 7 * 51)</python> <result>\n398\n</result> "
          "The result is 398.\n<answer>\\boxed{398}</answer>")
 REAL_CORPUS = [{"id": "0", "contents": '"Kalove"\nKalove was born in Ritamon. Kalove was mentored by Zubel.'},
@@ -2556,7 +2560,7 @@ def smollm2_dir():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return appo.load_model(smollm2_dir(), CFG)
+    return runtime.load_model(smollm2_dir(), CFG)
 
 
 class Scripted(torch.nn.Module):
@@ -2585,7 +2589,7 @@ class Scripted(torch.nn.Module):
 
 
 def prompt_of(tokenizer, question="What is 41 + 7 * 51?"):
-    return appo.build_prompt(tokenizer, question, "math", SYSTEM)
+    return agent.build_prompt(tokenizer, question, "math", SYSTEM)
 
 
 def test_real_chat_prompt(smollm2):
@@ -2603,15 +2607,15 @@ def test_real_stop_found_at_every_token_boundary(smollm2, before):
     """SmolLM2 splits each closing tag into 3 tokens ('</' or ' </', the name, '>'), the name an
     alphanumeric branch candidate: a fork can fall inside the tag and the stop must still be seen."""
     _, tok = smollm2
-    texts, content = appo.token_texts(tok), appo.content_token_mask(tok)
-    for stop in appo.STOPS:
+    texts, content = agent.token_texts(tok), appo.content_token_mask(tok)
+    for stop in agent.STOPS:
         ids = tok(before + stop, add_special_tokens=False)["input_ids"]
         pieces = [texts[i] for i in ids]
         assert "".join(pieces) == before + stop
         inside = [i for i, p in zip(ids, pieces) if p in stop]
         assert len(inside) >= 2 and any(content[i] for i in inside), (stop, pieces)
         for j in range(len(ids)):                         # tail = the text before the fork
-            found = appo.find_stop("".join(pieces[:j]), pieces[j])
+            found = agent.find_stop("".join(pieces[:j]), pieces[j])
             assert found == (stop if j == len(ids) - 1 else None), (stop, pieces, j)
 
 
@@ -2633,7 +2637,7 @@ def test_real_sampler_stops_inside_a_closing_tag(smollm2):
 
 def agent_rollout(model, tok, max_tokens=64):
     prompt = prompt_of(tok)
-    want = appo.sft_rollout(tok, prompt, ARITH)          # the SFT tokenisation: must be the loop's
+    want = runtime.sft_rollout(tok, prompt, ARITH)          # the SFT tokenisation: must be the loop's
     scripted = Scripted(model.config, len(tok), [(prompt, want.tokens)])
     sampling = appo.Sampling(greedy=True, max_response_tokens=max_tokens, batch_size=4)
     return scripted, sampling, want, appo.run_agent(scripted, tok, [prompt], sampling, REAL_TOOLS)[0]
@@ -2686,32 +2690,32 @@ def test_real_sampler_logprobs_equal_trainer_logprobs(smollm2):
 
 
 def test_real_sft_on_natural_traces_lowers_the_loss(smollm2):
-    """5 steps of appo.sft on 4 natural-language traces (2 arith, 2 one-hop) lower the loss. A short
+    """5 steps of runtime.sft on 4 natural-language traces (2 arith, 2 one-hop) lower the loss. A short
     system prompt keeps it cheap: ~110 tokens a row, ~15-30 s a step on 2 busy CPU cores."""
     import toy
-    model, tok = appo.load_model(smollm2_dir(), CFG)        # a fresh copy: SFT changes the weights
+    model, tok = runtime.load_model(smollm2_dir(), CFG)        # a fresh copy: SFT changes the weights
     questions, corpus = toy.make_world(0)
     search, rng = Search(corpus=corpus, topk=1), random.Random(0)
     picks = questions["arith"][:2] + questions["onehop"][:2]
-    rows = [appo.sft_rollout(tok, appo.build_prompt(tok, ex["question"], ex["kind"], "Use tools."),
+    rows = [runtime.sft_rollout(tok, agent.build_prompt(tok, ex["question"], ex["kind"], "Use tools."),
                              toy.natural_trace(ex, search, rng)) for ex in picks]
     assert all(0 in r.mask for r in rows)                   # tool results are not trained on
-    losses = appo.sft(model, rows, steps=5, batch_size=4, lr=5e-5, warmup=1, seed=0, pad_id=tok.pad_token_id)
+    losses = runtime.sft(model, rows, steps=5, batch_size=4, lr=5e-5, warmup=1, seed=0, pad_id=tok.pad_token_id)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_real_checkpoint_roundtrip(smollm2, tmp_path):
-    """appo.save_hf -> appo.load_model gives the same logits, tokenizer and chat template."""
+    """appo.save_hf -> runtime.load_model gives the same logits, tokenizer and chat template."""
     model, tok = smollm2
     path = str(tmp_path / "ckpt")
     appo.save_hf(model, tok, path, extra={"step": 3})
-    loaded, tok2 = appo.load_model(path, CFG)
+    loaded, tok2 = runtime.load_model(path, CFG)
     ids = torch.tensor([prompt_of(tok)])
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert tok2.chat_template == tok.chat_template and tok2(ARITH)["input_ids"] == tok(ARITH)["input_ids"]
     assert (tok2.pad_token_id, tok2.eos_token_id) == (tok.pad_token_id, tok.eos_token_id)
-    assert os.path.exists(os.path.join(path, "generation_config.json")) and appo.find_checkpoint(path) == path
+    assert os.path.exists(os.path.join(path, "generation_config.json")) and runtime.find_checkpoint(path) == path
 
 
 @pytest.fixture(scope="module")
