@@ -1455,7 +1455,8 @@ def test_core_resume_loads_the_trainer_state_onto_this_ranks_device(tmp_path, mo
     appo.save_checkpoint(run, 3)
     seen, load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("map_location")) or load(*a, **k))
-    resumed = appo.start_run(appo.dataclasses.replace(cfg, resume=True), appo.resolve(cfg), str(tmp_path / "init"))
+    resumed = appo.start_run(appo.dataclasses.replace(cfg, resume=True), appo.resolve(cfg),
+                             str(tmp_path / "init"))
     assert resumed.start == 3 and len(seen) == 1 and callable(seen[0])
     moved = []
 
@@ -1505,9 +1506,9 @@ def test_core_gpu_plan_counts_every_phase_and_component_and_grows_with_rows_and_
     assert longer["generation, prefill"][prefill] > 2 * plan["generation, prefill"][prefill]   # the mask: S^2
     fp32 = bench.memory_plan(QWEN05, rows=64, context=4352, dtype="float32")
     assert fp32["generation, decode"]["KV cache"] == kv * 8 // 6 and fp32["scoring"][cache] == 0
-    assert plan["update, backward"]["gradients (float32)"] == 4 * n          # earlier micro-batches' gradients
+    assert plan["update, backward"]["gradients (float32)"] == 4 * n         # earlier micro-batches' ones
     one = bench.memory_plan(QWEN05, rows=64, context=4352, accumulate=False)["update, backward"]
-    assert one["gradients (float32)"] == 4 * 151936 * 896                    # a lone micro-batch: the head's so far
+    assert one["gradients (float32)"] == 4 * 151936 * 896                   # one micro-batch: the head's
     two = bench.memory_plan(QWEN05, rows=64, context=4352, world=2)["optimizer step"]["gradient sync bucket"]
     assert two > 0 and plan["optimizer step"]["gradient sync bucket"] == 0
 
