@@ -1589,6 +1589,47 @@ def test_core_gpu_plan_update_matches_the_measured_peak_on_cpu(dtype, checkpoint
     assert 0.85 <= measured / planned <= 1.15, (measured, planned)
 
 
+##### bench.py gpu_check: the GPU path in one command, its CPU dry run #####
+def test_core_gpu_check_table_fails_on_any_failed_check_and_bands_the_plan():
+    import bench
+    table, code = bench.check_table([("a", True, "1 s"), ("longer check", True, "x")])
+    assert code == 0 and table.splitlines()[2].split() == ["a", "ok", "1", "s"]
+    assert bench.check_table([("a", True, ""), ("b", False, "exit 1: boom")])[1] == 1
+    assert bench.plan_row("peak", [9.0, 9.5], 10.0, "")[1] is True             # within PLAN_BAND
+    assert bench.plan_row("peak", [11.5], 10.0, "")[1] is False                # the plan underestimated
+    assert bench.plan_row("peak", [5.0], 10.0, "")[1] is False                 # or is far too high
+    assert bench.plan_row("peak", [None], 10.0, "")[1] is True                 # off CUDA: planned only
+    assert bench.guarded("x", lambda: 1 / 0)[0][:2] == ("x", False)
+    assert bench.check_options(["--device=cpu", "--tiny", "--out=o"]) == ("cpu", True, "o")
+    cfg = appo.Config(gradient_checkpointing=True, **bench.RL_CHECK)           # the H200 run's shapes
+    peaks = {"rollout": [1.0], "update": [1.0], "context": 605}
+    rows = bench.plan_rows(cfg, bench.QWEN25["Qwen2.5-0.5B"], peaks)
+    assert [r[0] for r in rows] == ["peak memory, rollout phases", "peak memory, update phases"]
+    assert all("48 rows x 605 tokens" in r[2] and not r[1] for r in rows)    # 1 GiB is far below the plan
+
+
+def test_script_gpu_check_dry_run_on_cpu(tmp_path):
+    """`--device=cpu --tiny`: every check but the CUDA calls (toy run and resume, RL step with the plan,
+    sampler = trainer log-probs, 1-process torchrun on gloo) passes, one table, exit 0; without
+    --device=cpu on a machine without CUDA it says so, runs nothing and exits 0."""
+    cmd = [sys.executable, os.path.join(HERE, "bench.py"), "gpu_check"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd + ["--device=cpu", "--tiny", f"--out={tmp_path / 'check'}"], capture_output=True,
+                         text=True, timeout=180, cwd=HERE, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = res.stdout[res.stdout.index("check "):].splitlines()[2:]
+    assert [line.split("  ")[0].split(",")[0] for line in table] == [
+        "toy run", "toy run resumed to step 2 (--resume)", "torchrun --nproc_per_node=1", "bf16 RL steps (1)",
+        "peak memory", "peak memory", "sampler = trainer log-probs", "sampler = trainer log-probs"]
+    assert all("  ok  " in line for line in table) and "backend gloo" in table[2]
+    assert json.load(open(tmp_path / "check" / "torchrun" / "config.json"))["world"] == 1
+    if not torch.cuda.is_available():
+        res = subprocess.run(cmd + [f"--out={tmp_path / 'none'}"], capture_output=True, text=True, timeout=60,
+                             cwd=HERE, env=env)
+        assert res.returncode == 0 and "needs a CUDA device" in res.stdout
+        assert not (tmp_path / "none").exists()
+
+
 def torchrun(*args, nproc=2, timeout=300):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", *map(str, args)],
