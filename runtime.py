@@ -623,6 +623,7 @@ def start_run(cfg, recipe, model_path, rank=0, world=1):
     if rank == 0:
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             json.dump({**dataclasses.asdict(cfg), "recipe": dataclasses.asdict(recipe), "world": world,
+                       "backend": torch.distributed.get_backend() if distributed() else None,
                        "torch_threads": torch.get_num_threads()}, f, indent=2)    # results depend on it (CPU)
     needs_ref = cfg.kl_coef > 0 or cfg.omega_anchor == "ref"
     ref = frozen_copy(load_model(model_path, cfg)[0]) if needs_ref else None

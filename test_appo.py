@@ -1870,7 +1870,8 @@ def test_core_resume_loads_the_trainer_state_onto_this_ranks_device(tmp_path, mo
     runtime.save_checkpoint(run, 3)
     seen, load = [], torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("map_location")) or load(*a, **k))
-    resumed = appo.start_run(appo.dataclasses.replace(cfg, resume=True), appo.resolve(cfg), str(tmp_path / "init"))
+    resumed = appo.start_run(appo.dataclasses.replace(cfg, resume=True), appo.resolve(cfg),
+                             str(tmp_path / "init"))
     assert resumed.start == 3 and len(seen) == 1 and callable(seen[0])
     moved = []
 
@@ -1920,9 +1921,9 @@ def test_core_gpu_plan_counts_every_phase_and_component_and_grows_with_rows_and_
     assert longer["generation, prefill"][prefill] > 2 * plan["generation, prefill"][prefill]   # the mask: S^2
     fp32 = bench.memory_plan(QWEN05, rows=64, context=4352, dtype="float32")
     assert fp32["generation, decode"]["KV cache"] == kv * 8 // 6 and fp32["scoring"][cache] == 0
-    assert plan["update, backward"]["gradients (float32)"] == 4 * n          # earlier micro-batches' gradients
+    assert plan["update, backward"]["gradients (float32)"] == 4 * n         # earlier micro-batches' ones
     one = bench.memory_plan(QWEN05, rows=64, context=4352, accumulate=False)["update, backward"]
-    assert one["gradients (float32)"] == 4 * 151936 * 896                    # a lone micro-batch: the head's so far
+    assert one["gradients (float32)"] == 4 * 151936 * 896                   # one micro-batch: the head's
     two = bench.memory_plan(QWEN05, rows=64, context=4352, world=2)["optimizer step"]["gradient sync bucket"]
     assert two > 0 and plan["optimizer step"]["gradient sync bucket"] == 0
 
@@ -2001,6 +2002,47 @@ def test_core_gpu_plan_update_matches_the_measured_peak_on_cpu(dtype, checkpoint
     kept = 12 * bench.param_counts(shape)[0]                    # weights and moments, there before
     planned = max(sum(v.values()) for k, v in plan.items() if k.startswith(("update", "optimizer"))) - kept
     assert 0.85 <= measured / planned <= 1.15, (measured, planned)
+
+
+##### bench.py gpu_check: the GPU path in one command, its CPU dry run #####
+def test_core_gpu_check_table_fails_on_any_failed_check_and_bands_the_plan():
+    import bench
+    table, code = bench.check_table([("a", True, "1 s"), ("longer check", True, "x")])
+    assert code == 0 and table.splitlines()[2].split() == ["a", "ok", "1", "s"]
+    assert bench.check_table([("a", True, ""), ("b", False, "exit 1: boom")])[1] == 1
+    assert bench.plan_row("peak", [9.0, 9.5], 10.0, "")[1] is True             # within PLAN_BAND
+    assert bench.plan_row("peak", [11.5], 10.0, "")[1] is False                # the plan underestimated
+    assert bench.plan_row("peak", [5.0], 10.0, "")[1] is False                 # or is far too high
+    assert bench.plan_row("peak", [None], 10.0, "")[1] is True                 # off CUDA: planned only
+    assert bench.guarded("x", lambda: 1 / 0)[0][:2] == ("x", False)
+    assert bench.check_options(["--device=cpu", "--tiny", "--out=o"]) == ("cpu", True, "o")
+    cfg = appo.Config(gradient_checkpointing=True, **bench.RL_CHECK)           # the H200 run's shapes
+    peaks = {"rollout": [1.0], "update": [1.0], "context": 605}
+    rows = bench.plan_rows(cfg, bench.QWEN25["Qwen2.5-0.5B"], peaks)
+    assert [r[0] for r in rows] == ["peak memory, rollout phases", "peak memory, update phases"]
+    assert all("48 rows x 605 tokens" in r[2] and not r[1] for r in rows)    # 1 GiB is far below the plan
+
+
+def test_script_gpu_check_dry_run_on_cpu(tmp_path):
+    """`--device=cpu --tiny`: every check but the CUDA calls (toy run and resume, RL step with the plan,
+    sampler = trainer log-probs, 1-process torchrun on gloo) passes, one table, exit 0; without
+    --device=cpu on a machine without CUDA it says so, runs nothing and exits 0."""
+    cmd = [sys.executable, os.path.join(HERE, "bench.py"), "gpu_check"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd + ["--device=cpu", "--tiny", f"--out={tmp_path / 'check'}"], capture_output=True,
+                         text=True, timeout=180, cwd=HERE, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = res.stdout[res.stdout.index("check "):].splitlines()[2:]
+    assert [line.split("  ")[0].split(",")[0] for line in table] == [
+        "toy run", "toy run resumed to step 2 (--resume)", "torchrun --nproc_per_node=1", "bf16 RL steps (1)",
+        "peak memory", "peak memory", "sampler = trainer log-probs", "sampler = trainer log-probs"]
+    assert all("  ok  " in line for line in table) and "backend gloo" in table[2]
+    assert json.load(open(tmp_path / "check" / "torchrun" / "config.json"))["world"] == 1
+    if not torch.cuda.is_available():
+        res = subprocess.run(cmd + [f"--out={tmp_path / 'none'}"], capture_output=True, text=True, timeout=60,
+                             cwd=HERE, env=env)
+        assert res.returncode == 0 and "needs a CUDA device" in res.stdout
+        assert not (tmp_path / "none").exists()
 
 
 def torchrun(*args, nproc=2, timeout=300):
