@@ -28,7 +28,7 @@ from tools import default_system_prompt
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Rollout:
-    """One response y_1..y_T to one prompt, with the tree bookkeeping of spec section 2."""
+    """One response y_1..y_T to one prompt, with the rollout tree's bookkeeping (appo.py)."""
     example: int                                        # index of its question in the batch (Eq. 6's prompt)
     prompt: list                                        # prompt token ids
     tokens: list = field(default_factory=list)          # response y_1..y_T (tool results included)
@@ -284,7 +284,7 @@ def pick_tokens(logits, sampling):
     return tok, logp_all.gather(-1, tok[:, None])[:, 0], entropy
 
 
-def start_call(pool, box, r, tokenizer, max_calls):
+def start_call(pool, toolbox, r, tokenizer, max_calls):
     """Start the call a paused rollout asks for, in the background -> future of (name, payload,
     result). It is parsed from the whole response (a branch may have forked inside the call) and
     run with the rollout's earlier calls (the python tool's state); past max_calls nothing runs.
@@ -295,23 +295,23 @@ def start_call(pool, box, r, tokenizer, max_calls):
         return limit
     text = tokenizer.decode(r.tokens, skip_special_tokens=True)
     after = len(text) - len(tokenizer.decode(r.tokens[:-1], skip_special_tokens=True))   # the last token's
-    return pool.submit(tools.run_call, box, text, [(name, payload) for name, payload, _ in r.calls], after)
+    return pool.submit(tools.run_call, toolbox, text, [(name, payload) for name, payload, _ in r.calls], after)
 
 
 @torch.no_grad()
-def generate_rollouts(model, tokenizer, rollouts, sampling, box, cost=None):
-    """The tool loop (spec section 1), batched, on one KV cache per batch: sample until a closing
+def generate_rollouts(model, tokenizer, rollouts, sampling, toolbox, cost=None):
+    """The tool loop, batched, on one KV cache per batch: sample until a closing
     tool tag, </answer>, EOS or the budget; a rollout that stops at a tool tag waits (its call runs
     in the background at once) while the others go on, and its result is fed as masked tokens
     (m_t = 0) into the same cache when every live row waits, or as soon as it is ready with
     sampling.results_as_ready (see Sampling). Nothing is prefilled twice: not the
     prompt of N rollouts, not a parent's prefix for its branches, not a rollout after a call.
-    `box` is the tools (tools.toolbox()). `cost` (a dict), if given, adds up the work done."""
+    `toolbox` is the tools (tools.toolbox()). `cost` (a dict), if given, adds up the work done."""
     pad = tokenizer.pad_token_id
     cost = {} if cost is None else cost
     todo = [r for r in rollouts if not r.done]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        loop = ToolLoop(tokenizer, token_texts(tokenizer), sampling, box, pool)
+        loop = ToolLoop(tokenizer, token_texts(tokenizer), sampling, toolbox, pool)
         for s in range(0, len(todo), sampling.batch_size):
             _generate_batch(model, loop, todo[s:s + sampling.batch_size], pad, cost)
     for r in rollouts:
@@ -379,15 +379,15 @@ class ToolLoop:
     tokenizer: object
     texts: list                                        # token_texts(tokenizer)
     sampling: Sampling
-    box: dict                                          # tools.toolbox()
+    toolbox: dict                                          # tools.toolbox()
     pool: ThreadPoolExecutor                           # runs the calls in the background
-    tool_stops: tuple = field(init=False)              # the closing tags of box's tools
+    tool_stops: tuple = field(init=False)              # the closing tags of toolbox's tools
 
     def __post_init__(self):
-        self.tool_stops = tools.stop_strings(self.box)
+        self.tool_stops = tools.stop_strings(self.toolbox)
 
     def start_call(self, r):
-        return start_call(self.pool, self.box, r, self.tokenizer, self.sampling.max_tool_calls)
+        return start_call(self.pool, self.toolbox, r, self.tokenizer, self.sampling.max_tool_calls)
 
 
 def ends_with_tool_stop(r, texts, tool_stops):
@@ -504,10 +504,10 @@ def _generate_batch(model, loop, rows, pad, cost):
     _add_cost(cost, "generate_s", time.time() - t0)
 
 
-def run_agent(model, tokenizer, prompts, sampling, box, cost=None):
+def run_agent(model, tokenizer, prompts, sampling, toolbox, cost=None):
     """Answer each prompt (token ids) once with the tool loop. Used by evaluation and eval.py."""
     rollouts = [Rollout(example=i, prompt=list(p), root=i) for i, p in enumerate(prompts)]
-    return generate_rollouts(model, tokenizer, rollouts, sampling, box, cost)
+    return generate_rollouts(model, tokenizer, rollouts, sampling, toolbox, cost)
 
 
 # ---------------------------------------------------------------------------------------------

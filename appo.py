@@ -485,14 +485,14 @@ def answer_metrics(examples, rollouts, k=1):
     return out
 
 
-def evaluate(model, tokenizer, examples, cfg, box, desc="eval", samples=1):
+def evaluate(model, tokenizer, examples, cfg, toolbox, desc="eval", samples=1):
     """The tool agent on `examples` -> answer_metrics: greedy (samples=1, pass@1) or `samples`
     answers per question at the training temperature (pass@k). Under torchrun each rank answers
     every world-th question and every rank gets the metrics of all of them: no rank idles in a
     collective while one evaluates alone, and N GPUs evaluate N times as fast."""
     rank, world = rank_world()
     mine = list(range(rank, len(examples), world))
-    rollouts = answer(model, tokenizer, [examples[i] for i in mine], cfg, box, desc, samples)
+    rollouts = answer(model, tokenizer, [examples[i] for i in mine], cfg, toolbox, desc, samples)
     for r in rollouts:
         r.example = mine[r.example]
     if world > 1:                                      # what answer_metrics reads, not per-token lists
@@ -501,7 +501,7 @@ def evaluate(model, tokenizer, examples, cfg, box, desc="eval", samples=1):
     return answer_metrics(examples, rollouts, samples)
 
 
-def answer(model, tokenizer, examples, cfg, box, desc, samples):
+def answer(model, tokenizer, examples, cfg, toolbox, desc, samples):
     """`samples` answers per example in gen_batch_size batches; rollout i * samples + j is sample j of
     examples[i] (its `example`)."""
     model.eval()
@@ -511,7 +511,7 @@ def answer(model, tokenizer, examples, cfg, box, desc, samples):
     rollouts, bar = [], progress(total=len(prompts), desc=desc, disable=rank_world()[0] > 0)
     for i in range(0, len(prompts), cfg.gen_batch_size):
         with autocast(device, cfg.dtype):
-            part = run_agent(model, tokenizer, prompts[i:i + cfg.gen_batch_size], sampling, box)
+            part = run_agent(model, tokenizer, prompts[i:i + cfg.gen_batch_size], sampling, toolbox)
         for j, r in enumerate(part):
             r.example = (i + j) // samples
         rollouts += part
@@ -522,9 +522,9 @@ def answer(model, tokenizer, examples, cfg, box, desc, samples):
 
 def evaluate_sft(run, val, test):
     """The starting checkpoint: greedy accuracy on test, pass@k on validation (rank 0 prints)."""
-    m, tok, cfg = run.model, run.tokenizer, run.cfg
-    before = {"test": evaluate(m, tok, test, cfg, run.box, "test, before RL") if test else {},
-              "val": evaluate(m, tok, val, cfg, run.box, f"val pass@{cfg.pass_k}", cfg.pass_k)
+    model, tokenizer, cfg = run.model, run.tokenizer, run.cfg
+    before = {"test": evaluate(model, tokenizer, test, cfg, run.toolbox, "test, before RL") if test else {},
+              "val": evaluate(model, tokenizer, val, cfg, run.toolbox, f"val pass@{cfg.pass_k}", cfg.pass_k)
               if val and cfg.pass_k > 1 else {}}
     if run.rank == 0:
         print(f"before RL: test accuracy {before['test'].get('acc', float('nan')):.3f}, "
@@ -841,7 +841,7 @@ def branch_from(parent, index, t, keep_token=True):
         root_fork=fork if parent.parent < 0 else parent.root_fork, branch_pos=t)
 
 
-def candidate_mask(rollouts, content_ids, keep_token=True, after_tool_only=False):
+def candidate_mask(rollouts, content_mask, keep_token=True, after_tool_only=False):
     """Where a branch may fork: sampled tokens (m_t = 1) that are not whitespace
     or punctuation, before the rollout's last sampled token (something must be left to re-sample),
     and in a branch only among its own new tokens. after_tool_only (ARPO): only the first
@@ -850,8 +850,8 @@ def candidate_mask(rollouts, content_ids, keep_token=True, after_tool_only=False
     for r in rollouts:
         m = torch.tensor(r.mask, dtype=torch.bool)
         tok = torch.tensor(r.tokens, dtype=torch.long)
-        known = tok < len(content_ids)                           # a model vocab can exceed the tokenizer's
-        ok = m & known & content_ids[tok.clamp(max=len(content_ids) - 1)]
+        known = tok < len(content_mask)                           # a model vocab can exceed the tokenizer's
+        ok = m & known & content_mask[tok.clamp(max=len(content_mask) - 1)]
         if after_tool_only:
             ok = torch.zeros_like(m)
             ok[1:] = m[1:] & ~m[:-1]
@@ -871,11 +871,10 @@ def per_prompt(rollouts, n_prompts):
     return count
 
 
-def branch_round(model, anchor, rollouts, frontier, count, cfg, recipe, content_ids, pad_id, stats):
-    """One round of branching on the newest rollouts (`frontier`): Eqs. 3-5 score their
-    candidates (H_t and log pi come from the sampler), the top-B per rollout are picked, and where
-    a prompt would overshoot M the globally best points are kept. -> the new branches (not sampled)."""
-    rows = [rollouts[i] for i in frontier]
+def tree_signals(model, anchor, rows, cfg, recipe, pad_id):
+    """Eqs. 3-4 on the rollouts about to be branched -> (H_t, Omega_t, m_t), each (B, T). H_t is the
+    sampler's (the distribution y_t was drawn from); both sides of Omega come from the trainer's forward
+    pass (cfg.recompute_logp: an anchor equal to the policy gives exactly 1, README Decisions)."""
     score = lambda m: score_rollouts(m, rows, cfg.temperature, pad_id, cfg.micro_batch_size, cfg.logit_chunk,
                                      top_p=cfg.top_p)
     sampled = [torch.tensor(r.logp) for r in rows]
@@ -883,20 +882,29 @@ def branch_round(model, anchor, rollouts, frontier, count, cfg, recipe, content_
         logp = anchor_logp = sampled                                        # Omega unused
     elif cfg.omega_anchor == "sampler":                                     # reference-code parity
         logp, anchor_logp = score(model), sampled
-    else:                                   # both sides one computation: the anchor = the policy gives 1
+    else:
         logp = score(model) if cfg.recompute_logp else sampled
         with on_device(anchor, next(model.parameters()).device):
             anchor_logp = score(anchor)
     mask, entropy = stack_rows([r.mask for r in rows]), stack_rows([r.entropy for r in rows])
     omega = future_values(stack_rows(logp), stack_rows(anchor_logp), mask, half_life=cfg.half_life)   # Eq. 4
-    cands = candidate_mask(rows, content_ids, recipe.keep_branch_token, recipe.candidates == "after_tool")
+    return entropy, omega, mask
+
+
+def branch_round(model, anchor, rollouts, frontier, cfg, recipe, content_mask, pad_id):
+    """One round of branching on the newest rollouts (`frontier`, indices into `rollouts`): H and Omega
+    per token (tree_signals), Eq. 5 ranks each rollout's candidates and its top-B are taken; where a
+    prompt would overshoot M the globally best points are kept.
+    -> (the new branches, not yet sampled; this round's counts for the step metrics)."""
+    rows = [rollouts[i] for i in frontier]
+    entropy, omega, _ = tree_signals(model, anchor, rows, cfg, recipe, pad_id)
+    cands = candidate_mask(rows, content_mask, recipe.keep_branch_token, recipe.candidates == "after_tool")
     points, priority, degenerate = select_branch_points(entropy, omega, cands, cfg.branch_points,
                                                         rule=recipe.branch_rule)   # Eq. 5, top-B
-    stats["tree/omega_degenerate"] += int(degenerate.sum())
-    stats["tree/scored"] += int(cands.any(-1).sum())                         # rows that could branch
-    stats["tree/rounds"] += 1
     record_signals(rows, entropy, omega, cands)
-    by_prompt, new = {}, []
+    stats = {"tree/omega_degenerate": int(degenerate.sum()), "tree/scored": int(cands.any(-1).sum()),
+             "tree/rounds": 1}                                                # scored: rows that could branch
+    count, by_prompt, new = Counter(r.example for r in rollouts), {}, []
     for i, pts, pri in zip(frontier, points, priority):
         for t, p in zip(pts, pri):
             by_prompt.setdefault(rollouts[i].example, []).append((p, i, t))
@@ -905,10 +913,10 @@ def branch_round(model, anchor, rollouts, frontier, count, cfg, recipe, content_
         for _, i, t in cand[:cfg.group_size - count[ex]]:
             new.append(branch_from(rollouts[i], i, t, recipe.keep_branch_token))
             rollouts[i].branch_points.append(t)
-    return new
+    return new, stats
 
 
-def expand_tree(model, anchor, tokenizer, prompts, cfg, recipe, box, content_ids):
+def expand_tree(model, anchor, tokenizer, prompts, cfg, recipe, toolbox, content_mask):
     """All rollouts of one RL step: N per prompt, then rounds of branching until M per prompt.
     Returns (rollouts with the initial ones first, statistics of the tree and of what it cost)."""
     sampling, cost = sampling_of(cfg), {}
@@ -916,17 +924,19 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, recipe, box, content_ids
                 for _ in range(recipe.initial_rollouts)]
     for i, r in enumerate(rollouts):
         r.root = i
-    generate_rollouts(model, tokenizer, rollouts, sampling, box, cost)
+    generate_rollouts(model, tokenizer, rollouts, sampling, toolbox, cost)
     frontier = list(range(len(rollouts)))
     stats = {"tree/omega_degenerate": 0, "tree/scored": 0, "tree/rounds": 0}
     while frontier and recipe.branching:
         count = per_prompt(rollouts, len(prompts))
         frontier = [i for i in frontier if count[rollouts[i].example] < cfg.group_size]
-        new = branch_round(model, anchor, rollouts, frontier, count, cfg, recipe, content_ids,
-                           tokenizer.pad_token_id, stats) if frontier else []
+        new, counts = branch_round(model, anchor, rollouts, frontier, cfg, recipe, content_mask,
+                                   tokenizer.pad_token_id) if frontier else ([], {})
+        for k, v in counts.items():
+            stats[k] += v
         if not new:
             break
-        generate_rollouts(model, tokenizer, new, sampling, box, cost)
+        generate_rollouts(model, tokenizer, new, sampling, toolbox, cost)
         frontier = list(range(len(rollouts), len(rollouts) + len(new)))
         rollouts += new
     if recipe.refill:   # Decision: ARPO's shortfall (rollouts without tool calls) -> fresh rollouts
@@ -935,7 +945,7 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, recipe, box, content_ids
                  for _ in range(cfg.group_size - count[e])]
         for j, r in enumerate(extra):
             r.root = len(rollouts) + j
-        generate_rollouts(model, tokenizer, extra, sampling, box, cost)
+        generate_rollouts(model, tokenizer, extra, sampling, toolbox, cost)
         rollouts += extra
     stats["cost/prefill_tokens"] = cost.get("prefill_tokens", 0)
     stats["cost/prefill_tokens_per_row"] = cost.get("prefill_tokens_per_row", 0)
@@ -997,11 +1007,11 @@ def rollout_advantages(rollouts, recipe):
     return train, rows
 
 
-def update_plan(train, cfg):
+def update_plan(trained, cfg):
     """The update's schedule, drawn up front: per epoch, per PPO mini-batch (whole prompts, so Eq. 6's
-    groups stay together, in shuffled order), the micro-batches as index lists into `train`."""
+    groups stay together, in shuffled order), the micro-batches as index lists into `trained`."""
     by_prompt = {}
-    for i, r in enumerate(train):
+    for i, r in enumerate(trained):
         by_prompt.setdefault(r.example, []).append(i)
     plan = []
     for _ in range(cfg.ppo_epochs):
@@ -1016,17 +1026,17 @@ def update_plan(train, cfg):
 
 
 @torch.no_grad()
-def old_logprobs(model, train, micro_batches, cfg, pad_id):
+def old_logprobs(model, trained, micro_batches, cfg, pad_id):
     """log pi_old(y_t) of each trained rollout from the trainer's forward pass (cfg.recompute_logp),
     in the micro-batches the first epoch's loss will use: the same computation on the same weights, so
     the first mini-batch's ratio is exactly 1 in any dtype (README Decisions). -> list of 1-D tensors."""
-    device, out = next(model.parameters()).device, [None] * len(train)
+    device, out = next(model.parameters()).device, [None] * len(trained)
     for micro in micro_batches:
         with autocast(device, cfg.dtype):
-            logp, _, _ = response_logprobs(model, [train[i] for i in micro], cfg.temperature, pad_id,
+            logp, _, _ = response_logprobs(model, [trained[i] for i in micro], cfg.temperature, pad_id,
                                            cfg.logit_chunk, top_p=cfg.top_p)
         for j, i in enumerate(micro):
-            out[i] = logp[j, :len(train[i].tokens)].float()
+            out[i] = logp[j, :len(trained[i].tokens)].float()
     return out
 
 
@@ -1046,22 +1056,22 @@ def policy_loss_backward(model, rows, old, advs, ref_logps, cfg, recipe, pad_id,
     return loss, metrics
 
 
-def ppo_update(model, optimizer, train, advs, ref_logps, cfg, recipe, pad_id):
+def ppo_update(model, optimizer, trained, advs, ref_logps, cfg, recipe, pad_id):
     """PPO mini-batches over prompts, micro-batches for memory; one optimizer step per mini-batch.
     pi_old: re-scored by the trainer (cfg.recompute_logp, default) or the sampler's log-probs. Forward
     passes run under autocast when cfg.dtype asks for bf16; weights and optimizer state stay float32.
     A non-finite loss or gradient skips that optimizer step and is counted."""
-    plan = update_plan(train, cfg)
-    old = [r.logp for r in train]
+    plan = update_plan(trained, cfg)
+    old = [r.logp for r in trained]
     if cfg.recompute_logp and plan:
-        old = old_logprobs(model, train, [m for mini in plan[0] for m in mini], cfg, pad_id)
+        old = old_logprobs(model, trained, [m for mini in plan[0] for m in mini], cfg, pad_id)
     sums, n_rows, skipped, norms = {}, 0, 0, []
     for mini in (mini for epoch in plan for mini in epoch):
         optimizer.zero_grad(set_to_none=True)
         finite, size = True, sum(map(len, mini))
         for micro in mini:
             loss, metrics = policy_loss_backward(
-                model, [train[i] for i in micro], [old[i] for i in micro], [advs[i] for i in micro],
+                model, [trained[i] for i in micro], [old[i] for i in micro], [advs[i] for i in micro],
                 [ref_logps[i] for i in micro] if ref_logps else None, cfg, recipe, pad_id, len(micro) / size)
             if not torch.isfinite(loss):
                 finite = False
@@ -1094,44 +1104,44 @@ def main(argv=None):
     seed_everything(cfg.seed)
     t_start = time.time()
     store = launch_store(cfg.dist_timeout)
-    model_path, train, val, test = rank0_first(lambda: load_data(cfg), rank, store)   # toy world, SFT
+    model_path, train_split, val, test = rank0_first(lambda: load_data(cfg), rank, store)   # toy world, SFT
     init_distributed(pick_device(cfg.device), cfg.dist_timeout, store)
     run = start_run(cfg, recipe, model_path, rank, world)
     model, tokenizer, device = run.model, run.tokenizer, next(run.model.parameters()).device
-    content_ids, reporter = content_token_mask(tokenizer), make_reporter(cfg) if rank == 0 else None
+    content_mask, reporter = content_token_mask(tokenizer), make_reporter(cfg) if rank == 0 else None
     run.before = run.before or evaluate_sft(run, val, test)    # every rank answers its share
     for step in range(run.start + 1, cfg.steps + 1):
-        batch = step_batch(train, cfg, step)[rank::world]       # whole prompts per rank: Eq. 6 groups stay whole
-        ##### rollout tree (spec section 2; Eqs. 3-5 choose the branch points) #####
+        batch = step_batch(train_split, cfg, step)[rank::world]     # whole prompts per rank: Eq. 6 groups whole
+        ##### rollout tree (Eqs. 3-5 choose the branch points) #####
         t0 = time.time()
         model.eval()
         with autocast(device, cfg.dtype):
             prompts = [example_prompt(tokenizer, e, cfg) for e in batch]
-            rollouts, tree = expand_tree(model, run.anchor, tokenizer, prompts, cfg, recipe, run.box,
-                                         content_ids)
+            rollouts, tree = expand_tree(model, run.anchor, tokenizer, prompts, cfg, recipe, run.toolbox,
+                                         content_mask)
         ##### reward #####
         t1 = time.time()
         answer_metrics(batch, rollouts)                         # sets reward, score, format_ok / _error
         ##### advantages (Eq. 6) #####
-        train_rows, advs = rollout_advantages(rollouts, recipe)
+        trained, advs = rollout_advantages(rollouts, recipe)
         ref_logps = None
         if cfg.kl_coef > 0:
             with on_device(run.ref, device), autocast(device, cfg.dtype):
-                ref_logps = score_rollouts(run.ref, train_rows, cfg.temperature, tokenizer.pad_token_id,
+                ref_logps = score_rollouts(run.ref, trained, cfg.temperature, tokenizer.pad_token_id,
                                            cfg.micro_batch_size, cfg.logit_chunk, top_p=cfg.top_p)
         ##### update (Eqs. 7-8) #####
         t2 = time.time()
         if cfg.omega_anchor == "prev":                          # next step's anchor: the weights before it
             run.anchor.load_state_dict(model.state_dict())
         model.train()
-        update = ppo_update(model, run.optimizer, train_rows, advs, ref_logps, local, recipe,
+        update = ppo_update(model, run.optimizer, trained, advs, ref_logps, local, recipe,
                             tokenizer.pad_token_id)
         model.eval()
         ##### log / checkpoint #####
         log_step(run, step, batch, rollouts, tree, update,
                  {"rollout": t1 - t0, "reward": t2 - t1, "update": time.time() - t2}, reporter)
     ##### final evaluation #####
-    after = evaluate(model, tokenizer, test, cfg, run.box, "test, after RL") if test else {}
+    after = evaluate(model, tokenizer, test, cfg, run.toolbox, "test, after RL") if test else {}
     if rank > 0:
         return barrier()
     save_hf(model, tokenizer, os.path.join(cfg.out_dir, "final"))

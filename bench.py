@@ -484,7 +484,7 @@ def reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def rl_step(run, batch, cfg, recipe, content_ids, peaks):
+def rl_step(run, batch, cfg, recipe, content_mask, peaks):
     """One RL step as appo.main runs it (rollout tree, reward, advantages, update), with the peak
     memory of its rollout and update phases appended to `peaks` -> (tokens generated, trained, s, s)."""
     import appo
@@ -493,8 +493,8 @@ def rl_step(run, batch, cfg, recipe, content_ids, peaks):
     start = time.time()
     with appo.autocast(device, cfg.dtype):
         prompts = [appo.example_prompt(tok, e, cfg) for e in batch]
-        rollouts, _ = appo.expand_tree(model, run["anchor"], tok, prompts, cfg, recipe, run["box"],
-                                       content_ids)
+        rollouts, _ = appo.expand_tree(model, run["anchor"], tok, prompts, cfg, recipe, run["toolbox"],
+                                       content_mask)
     peaks["rollout"].append(peak_gib(device))
     gen_s, mid = time.time() - start, time.time()
     appo.answer_metrics(batch, rollouts)
@@ -522,7 +522,7 @@ def check_rl_steps(device, tiny, model, tok, shape):
     recipe, steps = appo.resolve(cfg), 1 if tiny else 3
     questions, _ = toy.make_world(0)
     examples = [ex for t in toy.TYPES for ex in questions[t][:4]]
-    run = {"model": model, "tokenizer": tok, "anchor": runtime.frozen_copy(model), "box": tools.toolbox(),
+    run = {"model": model, "tokenizer": tok, "anchor": runtime.frozen_copy(model), "toolbox": tools.toolbox(),
            "optimizer": torch.optim.AdamW(model.parameters(), lr=cfg.lr)}
     peaks, done = {"rollout": [], "update": []}, []
     for step in range(steps):
@@ -707,14 +707,14 @@ def sft_check(toy_dir, k="8", tau="0.7"):
     k, tau = int(k), float(tau)
     cfg = appo.Config(device="cpu", search_corpus=os.path.join(toy_dir, "world", "corpus.jsonl"),
                       system_prompt=toy.SYSTEM_PROMPT)
-    model, tok, box = saved_agent(os.path.join(toy_dir, "sft"), cfg)
+    model, tok, toolbox = saved_agent(os.path.join(toy_dir, "sft"), cfg)
     exs = runtime.read_jsonl(os.path.join(toy_dir, "world", "val.jsonl"))
     prompts = [appo.example_prompt(tok, e, cfg) for e in exs]
     torch.manual_seed(0)
     greedy = appo.run_agent(model, tok, prompts, appo.Sampling(greedy=True, max_response_tokens=cfg.max_response_tokens),
-                            box)
+                            toolbox)
     samples = appo.run_agent(model, tok, [p for p in prompts for _ in range(k)],
-                             appo.Sampling(temperature=tau, max_response_tokens=cfg.max_response_tokens), box)
+                             appo.Sampling(temperature=tau, max_response_tokens=cfg.max_response_tokens), toolbox)
     right = lambda r, e: appo.compute_reward(r.text, e["answer"], e["kind"])["score"] >= 1
     total = {"greedy": 0, "pass@k": 0, "procedure": 0, "right": 0}
     for ty in toy.TYPES:
@@ -738,8 +738,8 @@ def val(*runs):
         saved = json.load(open(os.path.join(run, "config.json")))
         cfg = appo.Config(**{k: v for k, v in saved.items() if k in appo.Config.__dataclass_fields__})
         world = os.path.join(cfg.toy_dir or run, "world")
-        model, tok, box = saved_agent(os.path.join(run, "final"), cfg)
-        m = appo.evaluate(model, tok, runtime.load_examples(os.path.join(world, "val.jsonl")), cfg, box, "val")
+        model, tok, toolbox = saved_agent(os.path.join(run, "final"), cfg)
+        m = appo.evaluate(model, tok, runtime.load_examples(os.path.join(world, "val.jsonl")), cfg, toolbox, "val")
         print(run, json.dumps({k: round(v, 3) for k, v in m.items() if k == "acc" or k.startswith("acc/")}), flush=True)
 
 

@@ -605,7 +605,7 @@ class Run:
     optimizer: object
     anchor: object                      # pi_anchor of Eq. 4 (a CPU copy; None for the sampler anchor)
     ref: object                         # the initial policy, for the KL term or the ref anchor
-    box: dict                           # the tools
+    toolbox: dict                           # the tools
     start: int = 0                      # last finished step (a resumed run goes on from it)
     before: dict = None                 # the SFT checkpoint's evaluation, measured once
     rank: int = 0                       # this process under torchrun (0 alone logs, evaluates, saves)
@@ -712,22 +712,22 @@ def step_metrics(step, batch, rollouts, tree, update, seconds):
     by_type = {}
     for r in rollouts:
         by_type.setdefault(batch[r.example].get("type", batch[r.example]["kind"]), []).append(r)
-    sampled = [h for r in rollouts for h, m in zip(r.entropy[r.fork:], r.mask[r.fork:]) if m]
-    m = {"step": step, "reward/mean": mean([r.reward for r in rollouts]),
+    sampled = [h for r in rollouts for h, metrics in zip(r.entropy[r.fork:], r.mask[r.fork:]) if metrics]
+    metrics = {"step": step, "reward/mean": mean([r.reward for r in rollouts]),
          "reward/score": mean([r.score for r in rollouts]),
          "reward/format_ok": mean([r.format_ok for r in rollouts]),
          "acc/initial": mean([r.score for r in rollouts if r.parent < 0])}
-    m.update({f"acc/{t}": mean([r.score for r in rs]) for t, rs in sorted(by_type.items())})
-    m.update({f"tools/calls_{t}": mean([r.tool_calls for r in rs]) for t, rs in sorted(by_type.items())})
+    metrics.update({f"acc/{t}": mean([r.score for r in rs]) for t, rs in sorted(by_type.items())})
+    metrics.update({f"tools/calls_{t}": mean([r.tool_calls for r in rs]) for t, rs in sorted(by_type.items())})
     for cause in ("truncated", "no_answer", "unbalanced_tags"):
-        m[f"format/{cause}"] = mean([r.format_error == cause for r in rollouts])
-    m.update({"tree/rollouts": len(rollouts), "tree/branches": sum(r.parent >= 0 for r in rollouts),
+        metrics[f"format/{cause}"] = mean([r.format_error == cause for r in rollouts])
+    metrics.update({"tree/rollouts": len(rollouts), "tree/branches": sum(r.parent >= 0 for r in rollouts),
               **tree,
               "cost/tokens_generated": sum(sum(r.mask[r.fork:]) for r in rollouts),
               "cost/tool_calls": sum(sum(1 for c in r.calls if c[2] > r.fork) for r in rollouts),
               "policy/entropy": mean(sampled), **update,
               **{f"time/{k}_s": round(v, 3) for k, v in seconds.items()}})
-    return m
+    return metrics
 
 
 def rollout_record(r, index, texts):

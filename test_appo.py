@@ -580,7 +580,7 @@ def test_math_loss_future_weight_zero_is_plain_ppo():
     close(loss, ppo.mean(-1).mean(), atol=1e-5)
 
 
-# ---- spec section 2 step 3: branch point selection -------------------------------------------
+# ---- branch point selection (Eq. 5's order) -------------------------------------------------
 
 def test_math_select_strict_then_fill():
     # Z(H) = [-1.26, -0.63, 0.63, 1.26], Z(Omega) = [-1, 1, 1, -1], BS = [1.26, -.63, .63, -1.26]
@@ -1298,9 +1298,8 @@ def test_core_recompute_logp_decides_which_log_probs_are_pi_old(memorized):
         for r in rollouts:
             r.logp = [lp + 0.01 for lp in r.logp]                          # the "sampler" was surer
             r.reward, r.root = float(r.example), r.example
-        stats = {"tree/omega_degenerate": 0, "tree/scored": 0, "tree/rounds": 0}
-        appo.branch_round(model, copy.deepcopy(model), rollouts, [0, 1], [1, 1], cfg, appo.resolve(cfg),
-                          appo.content_token_mask(tokenizer), tokenizer.pad_token_id, stats)
+        _, stats = appo.branch_round(model, copy.deepcopy(model), rollouts, [0, 1], cfg, appo.resolve(cfg),
+                                     appo.content_token_mask(tokenizer), tokenizer.pad_token_id)
         omega_max = max(max(r.signals["omega"]) for r in rollouts)
         policy = copy.deepcopy(model).train()
         _, advs = appo.rollout_advantages(rollouts, appo.resolve(tiny_cfg(algo="grpo")))
@@ -1389,9 +1388,8 @@ def test_core_branch_round_picks_where_the_anchor_differs(monkeypatch):
     def pick(lp_policy, lp_anchor):
         scores = {id(policy): lp_policy, id(anchor): lp_anchor}
         monkeypatch.setattr(appo, "score_rollouts", lambda m, rows, *a, **k: [scores[id(m)]] * len(rows))
-        stats = {"tree/omega_degenerate": 0, "tree/scored": 0, "tree/rounds": 0}
         rollout = copy.deepcopy(r)
-        new = appo.branch_round(policy, anchor, [rollout], [0], [1], cfg, appo.resolve(cfg), content, 0, stats)
+        new, stats = appo.branch_round(policy, anchor, [rollout], [0], cfg, appo.resolve(cfg), content, 0)
         return [b.branch_pos for b in new], stats["tree/omega_degenerate"]
 
     assert pick(base, lower) == ([12, 3], 0)
