@@ -42,12 +42,13 @@ import torch.nn.functional as F
 from math_verify import parse as mv_parse, verify as mv_verify
 
 import tools
-from agent import (Rollout, Sampling, content_token_mask, entropy_from_logits, example_prompt,  # noqa: F401 (Eq. 3)
-                   generate_rollouts, response_logprobs, run_agent, score_rollouts, stack_rows)
-from runtime import (autocast, barrier, gather, init_distributed, launch_store, launched, load_data, log_step,
-                     make_reporter, on_device, optimizer_step, parse_settings, pick_device, progress, rank0_first,
-                     rank_world, save_hf, seed_everything, start_run, step_batch, stop, write_summary,
-                     _looks_like_hub_id)
+from agent import entropy_from_logits  # noqa: F401  (Eq. 3, computed where tokens are sampled)
+from agent import (Rollout, Sampling, content_token_mask, example_prompt, generate_rollouts,
+                   response_logprobs, run_agent, score_rollouts, stack_rows)
+from runtime import (autocast, barrier, gather, init_distributed, launch_store, launched, load_data,
+                     log_step, make_reporter, on_device, optimizer_step, parse_settings, pick_device,
+                     progress, rank0_first, rank_world, save_hf, seed_everything, start_run, step_batch,
+                     stop, write_summary, _looks_like_hub_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +129,8 @@ class Config:
     """M: rollouts per prompt in all. Paper: 16. One round gives (B+1)*N."""
     keep_branch_token: bool = True
     """True: a branch at t keeps the chosen token y_t and re-samples from y_{t+1} (a README Decision;
-    the reference code does it too), so the uncertain fork token gets the branches' credit (Eq. 6). False: re-sample y_t itself (the earlier rule, kept as an ablation)."""
+    the reference code does it too), so the uncertain fork token gets the branches' credit (Eq. 6).
+    False: re-sample y_t itself (the earlier rule, kept as an ablation)."""
     branch_score: str = "bs"
     """bs (Eq. 5) | entropy | random: how branch points are ranked (Table 4 ablation)."""
     omega_anchor: str = "prev"
@@ -1111,25 +1113,26 @@ def main(argv=None):
     content_mask, reporter = content_token_mask(tokenizer), make_reporter(cfg) if rank == 0 else None
     run.before = run.before or evaluate_sft(run, val, test)    # every rank answers its share
     for step in range(run.start + 1, cfg.steps + 1):
-        batch = step_batch(train_split, cfg, step)[rank::world]     # whole prompts per rank: Eq. 6 groups whole
-        ##### rollout tree (Eqs. 3-5 choose the branch points) #####
+        batch = step_batch(train_split, cfg, step)[rank::world]     # whole prompts: Eq. 6 groups whole
+        ##### rollout tree: expand_tree (the loop: generate_rollouts; Eqs. 3-5 in branch_round ->
+        ##### branching_score picks the points, branch_from makes the branches) #####
         t0 = time.time()
         model.eval()
         with autocast(device, cfg.dtype):
             prompts = [example_prompt(tokenizer, e, cfg) for e in batch]
             rollouts, tree = expand_tree(model, run.anchor, tokenizer, prompts, cfg, recipe, run.toolbox,
                                          content_mask)
-        ##### reward #####
+        ##### reward: compute_reward, per rollout #####
         t1 = time.time()
         answer_metrics(batch, rollouts)                         # sets reward, score, format_ok / _error
-        ##### advantages (Eq. 6) #####
+        ##### advantages: rollout_advantages (Eq. 6: dual_group_advantages, prefix_advantages) #####
         trained, advs = rollout_advantages(rollouts, recipe)
         ref_logps = None
         if cfg.kl_coef > 0:
             with on_device(run.ref, device), autocast(device, cfg.dtype):
                 ref_logps = score_rollouts(run.ref, trained, cfg.temperature, tokenizer.pad_token_id,
                                            cfg.micro_batch_size, cfg.logit_chunk, top_p=cfg.top_p)
-        ##### update (Eqs. 7-8) #####
+        ##### update: ppo_update (Eqs. 7-8: appo_policy_loss) #####
         t2 = time.time()
         if cfg.omega_anchor == "prev":                          # next step's anchor: the weights before it
             run.anchor.load_state_dict(model.state_dict())
