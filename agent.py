@@ -379,7 +379,7 @@ class ToolLoop:
     tokenizer: object
     texts: list                                        # token_texts(tokenizer)
     sampling: Sampling
-    toolbox: dict                                          # tools.toolbox()
+    toolbox: dict                                      # tools.toolbox()
     pool: ThreadPoolExecutor                           # runs the calls in the background
     tool_stops: tuple = field(init=False)              # the closing tags of toolbox's tools
 

@@ -1,5 +1,5 @@
 """
-APPO: Agentic Procedural Policy Optimization (arXiv 2606.12384), in one file.
+APPO: Agentic Procedural Policy Optimization (arXiv 2606.12384): the algorithm, in one file.
 
 RL for tool-using LLM agents. Each prompt gets N rollouts that may call a python or a search
 tool; every rollout is branched at the B tokens with the highest Branching Score (uncertain
