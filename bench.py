@@ -466,7 +466,7 @@ def check_model(device, tiny):
     with torch.device(device):                                  # initialised where it runs
         model = Qwen2ForCausalLM(Qwen2Config(**shape, pad_token_id=tokenizer.pad_token_id,
                                              eos_token_id=tokenizer.eos_token_id))
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.config.use_cache = True
     return model.eval(), tokenizer, shape
 

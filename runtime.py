@@ -377,7 +377,7 @@ def load_model(name_or_path, cfg):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         model.config.use_cache = True      # generation still uses the KV cache
     model.eval()
     return model, tokenizer

@@ -1983,7 +1983,7 @@ def test_core_gpu_plan_update_matches_the_measured_peak_on_cpu(dtype, checkpoint
     from transformers import Qwen2Config, Qwen2ForCausalLM
     model = Qwen2ForCausalLM(Qwen2Config(**shape)).train()
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     g = torch.Generator().manual_seed(0)
     train = [appo.Rollout(example=0, prompt=torch.randint(1, 8000, (24,), generator=g).tolist(),
                           tokens=torch.randint(1, 8000, (200 - 5 * i,), generator=g).tolist(),
