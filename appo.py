@@ -45,8 +45,8 @@ import tools
 from agent import entropy_from_logits  # noqa: F401  (Eq. 3, computed where tokens are sampled)
 from agent import (Rollout, Sampling, content_token_mask, example_prompt, generate_rollouts,
                    response_logprobs, run_agent, score_rollouts, stack_rows)
-from runtime import (autocast, barrier, gather, init_distributed, launch_store, launched, load_data,
-                     log_step, make_reporter, on_device, optimizer_step, parse_settings, pick_device,
+from runtime import (autocast, gather, init_distributed, launch_store, launched, leave_distributed,
+                     load_data, log_step, make_reporter, on_device, optimizer_step, parse_settings, pick_device,
                      progress, rank0_first, rank_world, save_hf, seed_everything, start_run, step_batch,
                      stop, write_summary, _looks_like_hub_id)
 
@@ -1145,11 +1145,11 @@ def main(argv=None):
                  {"rollout": t1 - t0, "reward": t2 - t1, "update": time.time() - t2}, reporter)
     ##### final evaluation #####
     after = evaluate(model, tokenizer, test, cfg, run.toolbox, "test, after RL") if test else {}
-    if rank > 0:
-        return barrier()
-    save_hf(model, tokenizer, os.path.join(cfg.out_dir, "final"))
-    summary = write_summary(cfg, run.before, after, run.metrics_path, time.time() - t_start)
-    barrier()
+    summary = None
+    if rank == 0:
+        save_hf(model, tokenizer, os.path.join(cfg.out_dir, "final"))
+        summary = write_summary(cfg, run.before, after, run.metrics_path, time.time() - t_start)
+    leave_distributed()                                         # every rank waits for rank 0's writes
     return summary
 
 

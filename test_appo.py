@@ -1709,6 +1709,7 @@ init = {{k: v.clone() for k, v in model.state_dict().items()}}
 appo.ppo_update(model, opt, [rollouts[i] for i in mine], [advs[i] for i in mine], None, cfg, appo.resolve(cfg), 0)
 if rank == 0:
     torch.save({{"init": init, "final": model.state_dict()}}, sys.argv[1])
+appo.leave_distributed()
 """
 
 
