@@ -46,9 +46,9 @@ from agent import entropy_from_logits  # noqa: F401  (Eq. 3, computed where toke
 from agent import (Rollout, Sampling, content_token_mask, example_prompt, generate_rollouts,
                    response_logprobs, run_agent, score_rollouts, stack_rows)
 from runtime import (autocast, gather, init_distributed, launch_store, launched, leave_distributed,
-                     load_data, log_step, make_reporter, on_device, optimizer_step, parse_settings, pick_device,
-                     progress, rank0_first, rank_world, save_hf, seed_everything, start_run, step_batch,
-                     stop, write_summary, _looks_like_hub_id)
+                     load_data, log_step, make_reporter, on_device, optimizer_step, parse_settings,
+                     pick_device, progress, rank0_first, rank_world, save_hf, seed_everything, start_run,
+                     step_batch, stop, write_summary, _looks_like_hub_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,8 +169,9 @@ class Config:
     """pi_old of Eqs. 7-8 and the policy side of Eq. 4 from the trainer's own forward pass (as verl
     recomputes old log-probs), not from the sampler's KV-cached decoding, so both sides of every ratio
     are one computation (README Decisions). The two paths agree to ~1e-6 in float32 but differ by up to
-    ~2e-2 under bf16 autocast (measured on CPU; how much depends on the kernels). Costs one no-grad forward pass over the trained rollouts per step, and
-    one over each branching round's rollouts. False: the sampler's values (exact only in float32)."""
+    ~2e-2 under bf16 autocast (measured on CPU; how much depends on the kernels). Costs one no-grad
+    forward pass over the trained rollouts per step, and one over each branching round's rollouts.
+    False: the sampler's values (exact only in float32)."""
     lr: float = 2.5e-4
     """AdamW learning rate. Paper code: 1e-6 for 7B; the 0.6M-parameter toy needs far more: 2.5e-4,
     chosen on its validation split, the same for every algorithm (RESULTS.md)."""
