@@ -866,12 +866,9 @@ def candidate_mask(rollouts, content_mask, keep_token=True, after_tool_only=Fals
     return stack_rows(rows).bool()
 
 
-def per_prompt(rollouts, n_prompts):
-    """How many rollouts each prompt has so far."""
-    count = [0] * n_prompts
-    for r in rollouts:
-        count[r.example] += 1
-    return count
+def per_prompt(rollouts):
+    """How many rollouts each prompt (its `example` index) has so far; 0 for a prompt with none."""
+    return Counter(r.example for r in rollouts)
 
 
 def tree_signals(model, anchor, rows, cfg, recipe, pad_id):
@@ -907,7 +904,7 @@ def branch_round(model, anchor, rollouts, frontier, cfg, recipe, content_mask, p
     record_signals(rows, entropy, omega, cands)
     stats = {"tree/omega_degenerate": int(degenerate.sum()), "tree/scored": int(cands.any(-1).sum()),
              "tree/rounds": 1}                                                # scored: rows that could branch
-    count, by_prompt, new = Counter(r.example for r in rollouts), {}, []
+    count, by_prompt, new = per_prompt(rollouts), {}, []
     for i, pts, pri in zip(frontier, points, priority):
         for t, p in zip(pts, pri):
             by_prompt.setdefault(rollouts[i].example, []).append((p, i, t))
@@ -931,7 +928,7 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, recipe, toolbox, content
     frontier = list(range(len(rollouts)))
     stats = {"tree/omega_degenerate": 0, "tree/scored": 0, "tree/rounds": 0}
     while frontier and recipe.branching:
-        count = per_prompt(rollouts, len(prompts))
+        count = per_prompt(rollouts)
         frontier = [i for i in frontier if count[rollouts[i].example] < cfg.group_size]
         new, counts = branch_round(model, anchor, rollouts, frontier, cfg, recipe, content_mask,
                                    tokenizer.pad_token_id) if frontier else ([], {})
@@ -943,7 +940,7 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, recipe, toolbox, content
         frontier = list(range(len(rollouts), len(rollouts) + len(new)))
         rollouts += new
     if recipe.refill:   # Decision: ARPO's shortfall (rollouts without tool calls) -> fresh rollouts
-        count = per_prompt(rollouts, len(prompts))
+        count = per_prompt(rollouts)
         extra = [Rollout(example=e, prompt=prompts[e]) for e in range(len(prompts))
                  for _ in range(cfg.group_size - count[e])]
         for j, r in enumerate(extra):
