@@ -534,10 +534,68 @@ def _nucleus_logp(scaled, targets, with_entropy, top_p):
     return logp, entropy_from_logp(logp_all) if with_entropy else None
 
 
+def plain_head(head):
+    """Whether the output layer is a bias-free nn.Linear (logits = h W^T), as in Llama, Qwen, SmolLM."""
+    return isinstance(head, torch.nn.Linear) and head.bias is None
+
+
+def head_logits(hidden, head, temperature):
+    """z / tau for one chunk as float32 (b, c, V). A plain head takes 1/tau on the hidden states
+    (W (h / tau) = (W h) / tau: a (b, c, d) product instead of one over the vocabulary), in the
+    autocast dtype with explicit casts, so TargetLogProb's backward rebuilds exactly these numbers."""
+    if not plain_head(head):
+        return head(hidden).float() / temperature
+    return _linear_logits(hidden, head.weight, temperature, _compute_dtype(hidden))
+
+
+def _compute_dtype(x):
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _linear_logits(hidden, weight, temperature, dtype):
+    out = F.linear((hidden / temperature).to(dtype), weight.to(dtype))
+    return out.to(torch.promote_types(dtype, torch.float32))                 # bf16 -> float32 logits
+
+
+class TargetLogProb(torch.autograd.Function):
+    """log softmax(W h / tau)[target] for one chunk through a plain head: (b, c, d) -> (b, c).
+
+    The backward rebuilds the chunk's logits from the hidden states instead of keeping them (one
+    chunk's float32 logits exist at a time, as with checkpointing) and forms d logp / dz = onehot -
+    softmax in place: a few passes over the (b, c, V) logits instead of the ~10 that autograd through
+    logsumexp, gather and the division by tau takes (the vocabulary dominates a small model's update).
+    The forward is exactly _chunk_logp's, so pi_old from a no-grad pass and the loss agree bit for bit.
+    """
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature):
+        dtype = _compute_dtype(hidden)
+        logits = _linear_logits(hidden, weight, temperature, dtype)               # (b, c, V)
+        logz = logits.logsumexp(-1)                                                # (b, c)
+        ctx.dtype, ctx.temperature = dtype, temperature
+        ctx.save_for_backward(hidden, weight, targets, logz)
+        return logits.gather(-1, targets[..., None])[..., 0] - logz
+
+    @staticmethod
+    def backward(ctx, grad):                                                       # grad: (b, c)
+        hidden, weight, targets, logz = ctx.saved_tensors
+        tau, dtype = ctx.temperature, ctx.dtype
+        scaled, w = (hidden / tau).to(dtype), weight.to(dtype)                     # (b, c, d), (V, d)
+        g = F.linear(scaled, w).to(logz.dtype)                                     # z / tau again
+        g.sub_(logz[..., None]).exp_().mul_(-grad[..., None])                      # -grad * softmax
+        g.scatter_add_(-1, targets[..., None], grad[..., None])                    # + grad at y_t
+        g = g.to(dtype)
+        grad_hidden = (g @ w).to(hidden.dtype) / tau if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (g.flatten(0, -2).T @ scaled.flatten(0, -2)).to(weight.dtype)   # (V, d)
+        return grad_hidden, grad_weight, None, None
+
+
 def _chunk_logp(hidden, targets, head, temperature, with_entropy, top_p=1.0):
     """log pi(targets) (and H) for one chunk, pi = softmax(head(hidden) / tau), top-p filtered when
     top_p < 1 (policy_log_softmax, as the sampler): (b, c, d) -> (b, c)."""
-    logits = head(hidden).float() / temperature                                # (b, c, V)
+    logits = head_logits(hidden, head, temperature)                            # (b, c, V)
     if top_p < 1.0:
         return _nucleus_logp(logits, targets, with_entropy, top_p)
     logz = logits.logsumexp(-1)                                                # (b, c)
@@ -554,9 +612,9 @@ def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_ent
     nucleus-filtered policy the sampler drew from (policy_log_softmax); pass the sampler's top_p.
 
     Memory: the vocabulary-sized logits are built from the final hidden states `chunk` tokens
-    (rows x positions) at a time, and with gradients on each chunk is recomputed in the
-    backward pass (checkpointing), so one chunk's float32 logits exist at a time instead of
-    several (b, T, V) copies. Models that post-process their logits (soft-capping, scaling)
+    (rows x positions) at a time, and with gradients each chunk's logits are rebuilt in the
+    backward pass (TargetLogProb; checkpointing for top-p and other heads), so one chunk's float32
+    logits exist at a time instead of several (b, T, V) copies. Models that post-process their logits (soft-capping, scaling)
     take the plain full-logits path.
     """
     device = next(model.parameters()).device
@@ -578,7 +636,10 @@ def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_ent
     logps, ents = [], []
     for s in range(0, T, step):
         args = (hidden[:, s:s + step], targets[:, s:s + step], head, temperature, with_entropy, top_p)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and plain_head(head) and top_p == 1.0 and not with_entropy:
+            lp, h = TargetLogProb.apply(hidden[:, s:s + step], head.weight, targets[:, s:s + step],
+                                        temperature), None
+        elif torch.is_grad_enabled():
             lp, h = torch.utils.checkpoint.checkpoint(_chunk_logp, *args, use_reentrant=False)
         else:
             lp, h = _chunk_logp(*args)
