@@ -45,7 +45,7 @@ import tools
 from agent import entropy_from_logits  # noqa: F401  (Eq. 3, computed where tokens are sampled)
 from agent import (Rollout, Sampling, content_token_mask, example_prompt, generate_rollouts,
                    response_logprobs, run_agent, score_rollouts, stack_rows)
-from runtime import (autocast, gather, init_distributed, launch_store, launched, leave_distributed,
+from runtime import (Clock, autocast, gather, init_distributed, launch_store, launched, leave_distributed,
                      load_data, log_step, make_reporter, on_device, optimizer_step, parse_settings,
                      pick_device, progress, rank0_first, rank_world, save_hf, seed_everything, start_run,
                      step_batch, stop, write_summary, _looks_like_hub_id)
@@ -1027,52 +1027,64 @@ def update_plan(trained, cfg):
 
 @torch.no_grad()
 def old_logprobs(model, trained, micro_batches, cfg, pad_id):
-    """log pi_old(y_t) of each trained rollout from the trainer's forward pass (cfg.recompute_logp),
-    in the micro-batches the first epoch's loss will use: the same computation on the same weights, so
-    the first mini-batch's ratio is exactly 1 in any dtype (README Decisions). -> list of 1-D tensors."""
-    device, out = next(model.parameters()).device, [None] * len(trained)
+    """log pi_old(y_t) from the trainer's forward pass (cfg.recompute_logp), for the rollouts of
+    `micro_batches` (index lists into `trained`), in those micro-batches: the same computation the
+    loss will run on the same weights, so a ratio is exactly 1 in any dtype until an optimizer step
+    (README Decisions). -> 1-D tensors, in the order of the micro-batches' indices."""
+    device, out = next(model.parameters()).device, []
     for micro in micro_batches:
         with autocast(device, cfg.dtype):
             logp, _, _ = response_logprobs(model, [trained[i] for i in micro], cfg.temperature, pad_id,
                                            cfg.logit_chunk, top_p=cfg.top_p)
-        for j, i in enumerate(micro):
-            out[i] = logp[j, :len(trained[i].tokens)].float()
+        out += [logp[j, :len(trained[i].tokens)].float() for j, i in enumerate(micro)]
     return out
 
 
 def policy_loss_backward(model, rows, old, advs, ref_logps, cfg, recipe, pad_id, weight):
     """Eqs. 7-8 on one micro-batch (`rows` index the trained rollouts): forward under autocast, the
     APPO loss, backward scaled by `weight` (its share of the mini-batch, so gradients accumulate to
-    Eq. 8's mean over rollouts). -> (loss, metrics); nothing is backpropagated if the loss is not finite."""
+    Eq. 8's mean over rollouts). old=None: pi_old is this very forward pass, detached (the first
+    mini-batch, before any optimizer step of the update). -> (loss, metrics, the log-probs detached);
+    nothing is backpropagated if the loss is not finite."""
     with autocast(next(model.parameters()).device, cfg.dtype):
         logp, _, mask = response_logprobs(model, rows, cfg.temperature, pad_id, cfg.logit_chunk, top_p=cfg.top_p)
     as_rows = lambda xs: stack_rows(xs, logp.shape[1]).to(logp.device)      # (b, T)
     loss, metrics = appo_policy_loss(
-        logp, as_rows(old), as_rows(advs), mask, half_life=cfg.half_life, future_weight=recipe.future_weight,
-        clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-        ref_logp=as_rows(ref_logps) if ref_logps else None, kl_coef=cfg.kl_coef)
+        logp, logp.detach() if old is None else as_rows(old), as_rows(advs), mask, half_life=cfg.half_life,
+        future_weight=recipe.future_weight, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+        dual_clip=cfg.dual_clip, ref_logp=as_rows(ref_logps) if ref_logps else None, kl_coef=cfg.kl_coef)
     if torch.isfinite(loss):
         (loss * weight).backward()
-    return loss, metrics
+    return loss, metrics, logp.detach()
 
 
 def ppo_update(model, optimizer, trained, advs, ref_logps, cfg, recipe, pad_id):
     """PPO mini-batches over prompts, micro-batches for memory; one optimizer step per mini-batch.
-    pi_old: re-scored by the trainer (cfg.recompute_logp, default) or the sampler's log-probs. Forward
+    pi_old: the trainer's own forward pass (cfg.recompute_logp, default): the first mini-batch's loss
+    pass itself (no optimizer step has happened yet, so it is pi_old exactly), the other mini-batches'
+    rows re-scored up front in the first epoch's micro-batches; or the sampler's log-probs. Forward
     passes run under autocast when cfg.dtype asks for bf16; weights and optimizer state stay float32.
     A non-finite loss or gradient skips that optimizer step and is counted."""
     plan = update_plan(trained, cfg)
     old = [r.logp for r in trained]
     if cfg.recompute_logp and plan:
-        old = old_logprobs(model, trained, [m for mini in plan[0] for m in mini], cfg, pad_id)
+        old = [None] * len(trained)
+        later = [m for mini in plan[0][1:] for m in mini]
+        for i, logp in zip([i for m in later for i in m], old_logprobs(model, trained, later, cfg, pad_id)):
+            old[i] = logp
     sums, n_rows, skipped, norms = {}, 0, 0, []
     for mini in (mini for epoch in plan for mini in epoch):
         optimizer.zero_grad(set_to_none=True)
         finite, size = True, sum(map(len, mini))
         for micro in mini:
-            loss, metrics = policy_loss_backward(
-                model, [trained[i] for i in micro], [old[i] for i in micro], [advs[i] for i in micro],
-                [ref_logps[i] for i in micro] if ref_logps else None, cfg, recipe, pad_id, len(micro) / size)
+            first = old[micro[0]] is None                       # the first mini-batch (recompute_logp)
+            loss, metrics, logp = policy_loss_backward(
+                model, [trained[i] for i in micro], None if first else [old[i] for i in micro],
+                [advs[i] for i in micro], [ref_logps[i] for i in micro] if ref_logps else None, cfg, recipe,
+                pad_id, len(micro) / size)
+            if first:                                           # kept for the later epochs
+                for j, i in enumerate(micro):
+                    old[i] = logp[j, :len(trained[i].tokens)].float()
             if not torch.isfinite(loss):
                 finite = False
                 break
@@ -1102,14 +1114,17 @@ def main(argv=None):
         stop("appo.py", f"--prompts_per_step and --mini_batch_prompts must be multiples of the {world} processes")
     recipe, local = resolve(cfg), dataclasses.replace(cfg, mini_batch_prompts=cfg.mini_batch_prompts // world)
     seed_everything(cfg.seed)
-    t_start = time.time()
+    clock = Clock()                                             # where the time goes, printed at the end
     store = launch_store(cfg.dist_timeout)
     model_path, train_split, val, test = rank0_first(lambda: load_data(cfg), rank, store)   # toy world, SFT
+    clock.lap("data, toy world and cold-start SFT")
     init_distributed(pick_device(cfg.device), cfg.dist_timeout, store)
     run = start_run(cfg, recipe, model_path, rank, world)
     model, tokenizer, device = run.model, run.tokenizer, next(run.model.parameters()).device
     content_mask, reporter = content_token_mask(tokenizer), make_reporter(cfg) if rank == 0 else None
+    clock.lap("model")
     run.before = run.before or evaluate_sft(run, val, test)    # every rank answers its share
+    clock.lap("evaluation before RL")
     for step in range(run.start + 1, cfg.steps + 1):
         batch = step_batch(train_split, cfg, step)[rank::world]     # whole prompts: Eq. 6 groups whole
         ##### rollout tree: expand_tree (the loop: generate_rollouts; Eqs. 3-5 in branch_round ->
@@ -1141,12 +1156,15 @@ def main(argv=None):
         ##### log / checkpoint #####
         log_step(run, step, batch, rollouts, tree, update,
                  {"rollout": t1 - t0, "reward": t2 - t1, "update": time.time() - t2}, reporter)
+    clock.lap("RL")
     ##### final evaluation #####
     after = evaluate(model, tokenizer, test, cfg, run.toolbox, "test, after RL") if test else {}
+    clock.lap("evaluation after RL")
     summary = None
     if rank == 0:
         save_hf(model, tokenizer, os.path.join(cfg.out_dir, "final"))
-        summary = write_summary(cfg, run.before, after, run.metrics_path, time.time() - t_start)
+        clock.lap("save")
+        summary = write_summary(cfg, run.before, after, run.metrics_path, clock)
     leave_distributed()                                         # every rank waits for rank 0's writes
     return summary
 

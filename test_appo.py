@@ -1471,6 +1471,116 @@ def test_core_chunked_logprobs_match_the_full_logits(memorized):
                                                                                err(g_want, g_exact))
 
 
+def test_core_target_logprob_backward_is_the_exact_gradient():
+    """TargetLogProb's hand-written backward (the update's path: logits rebuilt, onehot - softmax in
+    place) is the derivative of its forward: torch's finite-difference check in float64, for the hidden
+    states and the head weight, at a temperature that is not 1."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 3, 5, dtype=torch.double, requires_grad=True)
+    w = torch.randn(7, 5, dtype=torch.double, requires_grad=True)
+    y = torch.randint(0, 7, (2, 3))
+    assert torch.autograd.gradcheck(lambda h, w: agent.TargetLogProb.apply(h, w, y, 0.7), (h, w))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_core_update_logprobs_equal_the_no_grad_pass_bit_for_bit(memorized, dtype):
+    """The loss's log-probs (with gradients: TargetLogProb) and pi_old's (no-grad pass) are one
+    computation, in float32 and under bf16 autocast, so a ratio is exactly 1 before any optimizer step."""
+    model, tokenizer, prompt = memorized
+    rs = [appo.Rollout(example=0, prompt=prompt, tokens=list(range(3, 3 + n)), mask=[1] * n) for n in (17, 9)]
+    with runtime.autocast(torch.device("cpu"), dtype):
+        with torch.no_grad():
+            old, _, _ = appo.response_logprobs(model, rs, 0.7, tokenizer.pad_token_id, chunk=4)
+        new, _, mask = appo.response_logprobs(model, rs, 0.7, tokenizer.pad_token_id, chunk=4)
+    assert new.requires_grad and new.grad_fn is not None
+    assert torch.equal(old, new.detach())
+
+
+def test_core_first_minibatch_uses_its_own_pass_as_pi_old(memorized):
+    """ppo_update with two mini-batches: the first one's pi_old is its own loss pass (no extra forward),
+    the second's is re-scored before the first optimizer step. The weights after the update equal those
+    of an update that re-scores every rollout up front, and the first mini-batch's ratio is exactly 1."""
+    model, tokenizer, prompt = memorized
+    cfg = tiny_cfg(mini_batch_prompts=1, micro_batch_size=2, lr=1e-3, algo="grpo")
+    rollouts = appo.run_agent(model, tokenizer, [prompt] * 4, appo.Sampling(max_response_tokens=40), run_python)
+    for i, r in enumerate(rollouts):
+        r.example, r.reward = i // 2, float(i % 2)
+    recipe = appo.resolve(cfg)
+    train, advs = appo.rollout_advantages(rollouts, recipe)
+    scored = []
+    real = appo.old_logprobs
+
+    def counting(m, trained, micro_batches, c, pad):
+        scored.extend(i for mb in micro_batches for i in mb)
+        return real(m, trained, micro_batches, c, pad)
+
+    random.seed(0)
+    a = copy.deepcopy(model).train()
+    appo.old_logprobs = counting
+    try:
+        appo.ppo_update(a, torch.optim.AdamW(a.parameters(), lr=cfg.lr), train, advs, None, cfg, recipe,
+                        tokenizer.pad_token_id)
+    finally:
+        appo.old_logprobs = real
+    assert len(scored) == 2                                             # only the second mini-batch's rows
+    random.seed(0)
+    plan = appo.update_plan(train, cfg)
+    old = real(model, train, [m for mini in plan[0] for m in mini], cfg, tokenizer.pad_token_id)
+    by_row = dict(zip([i for mini in plan[0] for m in mini for i in m], old))
+    b = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(b.parameters(), lr=cfg.lr)
+    for mini in plan[0]:
+        opt.zero_grad(set_to_none=True)
+        for micro in mini:
+            loss, metrics, _ = appo.policy_loss_backward(b, [train[i] for i in micro], [by_row[i] for i in micro],
+                                                         [advs[i] for i in micro], None, cfg, recipe,
+                                                         tokenizer.pad_token_id, len(micro) / sum(map(len, mini)))
+        runtime.optimizer_step(b, opt, True, sum(map(len, mini)), cfg.grad_clip)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-7, rtol=0)
+    assert not all(torch.equal(pa, pm) for pa, pm in zip(a.parameters(), model.parameters()))
+
+
+def test_core_pack_first_fit_decreasing():
+    assert runtime.pack([5, 2, 4, 3], 7) == [[0, 1], [2, 3]]
+    assert runtime.pack([5, 2, 3], 5) == [[0], [2, 1]]
+    assert runtime.pack([], 4) == []
+
+
+def test_core_packed_sft_loss_is_the_padded_one(memorized, monkeypatch):
+    """Packed SFT batches (several traces per row, positions restarting per trace) give each trained
+    token the log-prob, and the loss the gradient, of the padded row-by-row batch; packing_works sees
+    it, and sees a packing the model cannot read (positions that do not restart: traces would mix)."""
+    model, tokenizer, prompt = memorized
+    rows = [runtime.sft_rollout(tokenizer, p, t) for p, t in
+            ((prompt, "<python>print(1)</python> <result>\n1\n</result> <answer>\\boxed{1}</answer>"),
+             (prompt[-6:], "<answer>2</answer>"), (prompt[-9:], "<answer>\\boxed{33}</answer>"))]
+    ids, pos, tgt, on, order = runtime.packed_batch(rows, tokenizer.pad_token_id, "cpu")
+    assert ids.shape[0] < len(rows) and sorted(order) == [0, 1, 2]      # two short traces share a row
+    assert int(on.sum()) == sum(sum(r.mask) for r in rows)
+    model.zero_grad()
+    packed = runtime.packed_logprobs(model, ids, pos, tgt, on)
+    packed.mean().backward()
+    g_packed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    logp, _, mask = appo.response_logprobs(model, rows, 1.0, tokenizer.pad_token_id)
+    per_trace = [logp[j, :len(rows[j].tokens)][torch.tensor(rows[j].mask).bool()] for j in range(len(rows))]
+    padded = torch.cat([per_trace[j] for j in order])
+    ((logp * mask).sum() / mask.sum()).backward()
+    g_padded = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert torch.allclose(packed, padded, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g_packed, g_padded))
+    assert runtime.packing_works(model, rows, tokenizer.pad_token_id)
+    real = runtime.packed_batch
+
+    def unreadable(*args):
+        ids, pos, tgt, on, order = real(*args)
+        return ids, torch.arange(ids.shape[1]).expand_as(ids), tgt, on, order
+    monkeypatch.setattr(runtime, "packed_batch", unreadable)
+    assert not runtime.packing_works(model, rows, tokenizer.pad_token_id)
+
+
 def test_core_load_examples_verl_parquet_and_jsonl(tmp_path):
     from datasets import Dataset
     rows = [{"prompt": [{"role": "system", "content": "use \x08oxed{}"}, {"role": "user", "content": "Q1?"}],
