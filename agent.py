@@ -4,7 +4,8 @@ log-probabilities of responses under a policy (the sampler, the Branching Score 
 A rollout is a `Rollout`: the prompt, the response tokens y_1..y_T with m_t (1: the model sampled it,
 0: a tool result), and the sampler's log pi(y_t) and H_t (Eq. 3) at the sampling temperature tau.
 `generate_rollouts` continues a batch of rollouts until each ends (EOS, </answer>, the budget), running
-each tool call in the background as soon as its closing tag is sampled; `run_agent` answers prompts.
+each tool call in the background as soon as its closing tag is sampled, and, through its on_finish hook,
+starts the branches of a rollout that just finished in the same batch; `run_agent` answers prompts.
 `response_logprobs` scores finished rollouts with a full forward pass (the trainer's path).
 
 Nothing here knows the algorithm: appo.py builds the rollout tree on top of it; eval.py reuses it.
@@ -393,7 +394,7 @@ class ToolLoop:
     sampling: Sampling
     toolbox: dict                                      # tools.toolbox()
     pool: ThreadPoolExecutor                           # runs the calls in the background
-    on_finish: object = None                           # finished rollouts -> their branches (generate_rollouts)
+    on_finish: object = None                           # finished rollouts -> branches (generate_rollouts)
     tool_stops: tuple = field(init=False)              # the closing tags of toolbox's tools
 
     def __post_init__(self):

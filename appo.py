@@ -900,8 +900,8 @@ def pick_branch_points(model, anchor, rows, cfg, recipe, content_mask, pad_id):
     points, priority, degenerate = select_branch_points(entropy, omega, cands, cfg.branch_points,
                                                         rule=recipe.branch_rule)   # Eq. 5, top-B
     record_signals(rows, entropy, omega, cands)
-    return points, priority, {"tree/omega_degenerate": int(degenerate.sum()),
-                              "tree/scored": int(cands.any(-1).sum())}          # scored: rows that could branch
+    return points, priority, {"tree/omega_degenerate": int(degenerate.sum()),     # scored: could branch
+                              "tree/scored": int(cands.any(-1).sum())}
 
 
 def branch_round(model, anchor, rollouts, frontier, cfg, recipe, content_mask, pad_id):
@@ -1164,8 +1164,8 @@ def main(argv=None):
     run.before = run.before or evaluate_sft(run, val, test)    # every rank answers its share
     for step in range(run.start + 1, cfg.steps + 1):
         batch = step_batch(train_split, cfg, step)[rank::world]     # whole prompts: Eq. 6 groups whole
-        ##### rollout tree: expand_tree (the loop: generate_rollouts; Eqs. 3-5 in branch_round ->
-        ##### branching_score picks the points, branch_from makes the branches) #####
+        ##### rollout tree: expand_tree (the loop: generate_rollouts; Eqs. 3-5 in pick_branch_points, as
+        ##### each rollout finishes or by round -> branching_score picks, branch_from branches) #####
         t0 = time.time()
         model.eval()
         with autocast(device, cfg.dtype):

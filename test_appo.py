@@ -1302,7 +1302,7 @@ def test_core_streamed_branch_continues_as_if_started_alone(memorized, setup):
     too many or too few, or a wrong position, changes the untrained model's logits; the tool setups
     check what the parent's cache holds after a result was fed (or not yet) and that a branch ending
     in a closing tag runs its call."""
-    model, tokenizer, _ = memorized
+    tokenizer = memorized[1]
     model, initial, forks, sampling = stream_setup(memorized, setup)
     made, seen, cost = [], [], {}
     appo.generate_rollouts(model, tokenizer, initial, sampling, run_python, cost,
@@ -1316,25 +1316,18 @@ def test_core_streamed_branch_continues_as_if_started_alone(memorized, setup):
         close(torch.tensor(streamed.logp), torch.tensor(alone.logp), atol=1e-5)
         close(torch.tensor(streamed.entropy), torch.tensor(alone.entropy), atol=1e-5)
     if setup != "random":
-        assert any(b.calls and b.fork <= 27 for b, _ in made)                    # forks before the call call it
+        assert any(b.calls and b.fork <= 27 for b, _ in made)          # forks before the call make it
         assert all(b.calls == initial[0].calls for b, _ in made)
 
 
-def test_core_streamed_branches_start_before_the_last_initial_rollout_finishes(memorized):
+def test_core_streamed_branches_start_before_the_last_initial_rollout_finishes(memorized, monkeypatch):
     """Staggered initial rollouts: when the last one finishes, branches of the earlier ones have
     already sampled tokens in the same batch, and every branch joined that batch (one start)."""
     model, initial, forks, sampling = stream_setup(memorized, "random")
-    made, seen, starts = [], [], []
-    orig = agent.start_decoding
-    def start(model, contexts, pad):
-        starts.append(len(contexts))
-        return orig(model, contexts, pad)
-    agent.start_decoding, saved = start, agent.start_decoding
-    try:
-        appo.generate_rollouts(model, memorized[1], initial, sampling, run_python,
-                               on_finish=branch_each(initial, forks, made, seen))
-    finally:
-        agent.start_decoding = saved
+    made, seen, starts, start = [], [], [], agent.start_decoding
+    monkeypatch.setattr(agent, "start_decoding", lambda m, c, p: (starts.append(len(c)), start(m, c, p))[1])
+    appo.generate_rollouts(model, memorized[1], initial, sampling, run_python,
+                           on_finish=branch_each(initial, forks, made, seen))
     last = next(k for k, (_, done) in enumerate(seen) if all(done))           # the call with the last one
     sampled_before, _ = seen[last]
     assert sum(sampled_before) >= len(forks) and not all(seen[0][1])
@@ -1346,11 +1339,12 @@ def test_core_streamed_branches_past_batch_size_wait_for_a_later_batch(memorized
     and the rest are queued, then prefilled in later batches. No forward pass holds more than 2 rows,
     and every branch, joined or queued, decodes as if started alone."""
     model, tokenizer, prompt = memorized
-    model, sampling = random_llama(tokenizer), appo.Sampling(greedy=True, max_response_tokens=24, batch_size=2)
+    model = random_llama(tokenizer)
+    sampling = appo.Sampling(greedy=True, max_response_tokens=24, batch_size=2)
     initial, made, seen, rows, starts = staggered(tokenizer, prompt, [0, 8]), [], [], [], []
     feed, start = agent.feed, agent.start_decoding
     monkeypatch.setattr(agent, "feed", lambda m, d, new, pad: (rows.append(len(new)), feed(m, d, new, pad)))
-    monkeypatch.setattr(agent, "start_decoding", lambda m, c, pad: (starts.append(len(c)), start(m, c, pad))[1])
+    monkeypatch.setattr(agent, "start_decoding", lambda m, c, p: (starts.append(len(c)), start(m, c, p))[1])
     appo.generate_rollouts(model, tokenizer, initial, sampling, run_python,
                            on_finish=branch_each(initial, [3, 9, 15], made, seen))
     assert max(rows) == 2 and starts == [2, 2, 2]                 # 2 initial, then 4 queued branches
