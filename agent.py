@@ -4,7 +4,8 @@ log-probabilities of responses under a policy (the sampler, the Branching Score 
 A rollout is a `Rollout`: the prompt, the response tokens y_1..y_T with m_t (1: the model sampled it,
 0: a tool result), and the sampler's log pi(y_t) and H_t (Eq. 3) at the sampling temperature tau.
 `generate_rollouts` continues a batch of rollouts until each ends (EOS, </answer>, the budget), running
-each tool call in the background as soon as its closing tag is sampled; `run_agent` answers prompts.
+each tool call in the background as soon as its closing tag is sampled, and, through its on_finish hook,
+starts the branches of a rollout that just finished in the same batch; `run_agent` answers prompts.
 `response_logprobs` scores finished rollouts with a full forward pass (the trainer's path).
 
 Nothing here knows the algorithm: appo.py builds the rollout tree on top of it; eval.py reuses it.
@@ -243,7 +244,8 @@ def start_decoding(model, contexts, pad_id):
 
 
 def keep_rows(d, keep):
-    """Drop finished rows from the batch (keep: batch indices that stay)."""
+    """Drop finished rows from the batch (keep: batch indices that stay; an index given twice copies
+    that row, as a branch joining the batch takes its parent's cache row)."""
     idx = torch.tensor(keep, dtype=torch.long, device=d.attn.device)
     d.cache.batch_select_indices(idx)
     d.attn, d.pos, d.logits = d.attn[idx], d.pos[idx], d.logits[idx]
@@ -299,22 +301,33 @@ def start_call(pool, toolbox, r, tokenizer, max_calls):
 
 
 @torch.no_grad()
-def generate_rollouts(model, tokenizer, rollouts, sampling, toolbox, cost=None):
+def generate_rollouts(model, tokenizer, rollouts, sampling, toolbox, cost=None, on_finish=None):
     """The tool loop, batched, on one KV cache per batch: sample until a closing
     tool tag, </answer>, EOS or the budget; a rollout that stops at a tool tag waits (its call runs
     in the background at once) while the others go on, and its result is fed as masked tokens
     (m_t = 0) into the same cache when every live row waits, or as soon as it is ready with
     sampling.results_as_ready (see Sampling). Nothing is prefilled twice: not the
     prompt of N rollouts, not a parent's prefix for its branches, not a rollout after a call.
-    `toolbox` is the tools (tools.toolbox()). `cost` (a dict), if given, adds up the work done."""
+    `toolbox` is the tools (tools.toolbox()). `cost` (a dict), if given, adds up the work done.
+
+    on_finish(done) -> new rollouts: called, synchronously, with the rollouts that finished at a
+    decoding step (in batch order), before their rows leave the cache; it returns one list per
+    finished rollout of rollouts that continue from a prefix of it (its branches). They join the
+    running batch at once, each from a copy of its parent's cache row (_join_phase), and are
+    finished like any other row (also passed to on_finish when they finish). Those that find the
+    batch full (sampling.batch_size) are queued and start, prefilled, in a later batch. The
+    caller keeps the rollouts it returned: they are not added to `rollouts`."""
     pad = tokenizer.pad_token_id
     cost = {} if cost is None else cost
-    todo = [r for r in rollouts if not r.done]
+    pending, added = [r for r in rollouts if not r.done], []
     with ThreadPoolExecutor(max_workers=8) as pool:
-        loop = ToolLoop(tokenizer, token_texts(tokenizer), sampling, toolbox, pool)
-        for s in range(0, len(todo), sampling.batch_size):
-            _generate_batch(model, loop, todo[s:s + sampling.batch_size], pad, cost)
-    for r in rollouts:
+        loop = ToolLoop(tokenizer, token_texts(tokenizer), sampling, toolbox, pool, on_finish)
+        while pending:
+            batch, pending = pending[:sampling.batch_size], pending[sampling.batch_size:]
+            joined, queued = _generate_batch(model, loop, batch, pad, cost)
+            pending += queued                                  # branches that found the batch full
+            added += joined + queued
+    for r in rollouts + added:
         r.text = tokenizer.decode(r.tokens, skip_special_tokens=True)
     return rollouts
 
@@ -381,6 +394,7 @@ class ToolLoop:
     sampling: Sampling
     toolbox: dict                                      # tools.toolbox()
     pool: ThreadPoolExecutor                           # runs the calls in the background
+    on_finish: object = None                           # finished rollouts -> branches (generate_rollouts)
     tool_stops: tuple = field(init=False)              # the closing tags of toolbox's tools
 
     def __post_init__(self):
@@ -443,14 +457,72 @@ def _feed_results_phase(loop, turns, new, finished):
             new[b] += ids
 
 
-def _drop_finished(d, turns, new, finished):
-    """Phase 3: take the finished rows out of the batch and its KV cache -> the token lists of the
-    rows that stay (to be fed). Example: live [4, 7, 9], finished {1} -> live [4, 9]."""
+def _join_phase(loop, turns, finished, cost):
+    """Phase 3, with loop.on_finish: the rollouts that finished at this step (batch order) go to the
+    hook while their rows are still in the cache; the rollouts it returns join the batch as long
+    as it has room (sampling.batch_size) -> (joins: (parent's batch row, parent, rollout), the
+    rest in order, queued for a later batch). Time spent in the hook is cost's on_finish_s.
+    In a full batch a finished parent frees its own row only, so one branch joins and the others
+    wait for a later batch (prefilled there, siblings sharing their prefix). Keeping the parent's
+    row until rows free up would hold rows that sample nothing: every finished initial rollout of
+    a full batch would hold one (tried: 3.7x the generation time at gen_batch_size 32 on the toy)."""
+    if loop.on_finish is None or not finished:
+        return [], []
+    done = sorted(finished)
+    t0 = time.time()
+    kids = loop.on_finish([turns.rows[turns.live[b]] for b in done])
+    _add_cost(cost, "on_finish_s", time.time() - t0)
+    pairs = [(b, turns.rows[turns.live[b]], r) for b, rs in zip(done, kids) for r in rs if not r.done]
+    room = max(0, loop.sampling.batch_size - (len(turns.live) - len(finished)))
+    return pairs[:room], [r for _, _, r in pairs[room:]]
+
+
+def _drop_finished(d, turns, new, finished, parents=()):
+    """Phase 4: take the finished rows out of the batch and its KV cache, and append one copy of
+    the row of each parent in `parents` (batch rows; a finished row may be copied) for a joining
+    rollout -> the token lists of the rows that stay (to be fed).
+    Example: live [4, 7, 9], finished {1} -> live [4, 9]; parents [1, 1] too -> cache rows [0, 2, 1, 1]."""
     keep = [b for b in range(len(turns.live)) if b not in finished]
-    if keep and len(keep) < len(turns.live):
-        keep_rows(d, keep)
+    rows = keep + list(parents)
+    if rows and rows != list(range(len(turns.live))):
+        keep_rows(d, rows)
     turns.live = [turns.live[b] for b in keep]
     return [new[b] for b in keep]
+
+
+def common_prefix(a, b, n):
+    """The length of the longest common prefix of lists a and b, at most n.
+    Example: common_prefix([1, 2, 3], [1, 2, 4], 3) -> 2."""
+    if a[:n] == b[:n]:
+        return n
+    return next(i for i in range(n) if a[i] != b[i])
+
+
+def _continue_joined(d, loop, turns, joins, cost):
+    """Phase 5: start the joined rollouts on the copies of their parents' rows (the last rows of d)
+    without prefilling anything. The parent's row holds its first d.pos tokens (prompt + response,
+    fed in order; its last sampled token, or a result cut by the budget, never was); the copy's
+    attention mask keeps the first `kept` real columns, the context both share (kept <
+    len(context)), pos = kept, and the rest of the context, a branch's last token, is fed with
+    the other rows' tokens -> those token lists. A context that ends in a closing tool tag waits
+    for its call at once, as at the start of a batch.
+    Example: parent fed [p, a, b, c] (d.pos 4), branch context [p, a, b] -> kept 2, feeds [b]."""
+    out, first = [], len(turns.live)
+    for k, (_, parent, r) in enumerate(joins):
+        row, ctx = first + k, r.prompt + r.tokens
+        kept = common_prefix(ctx, parent.prompt + parent.tokens, min(int(d.pos[row]), len(ctx) - 1))
+        d.attn[row] *= d.attn[row].cumsum(-1) <= kept                       # (W,) the parent's first kept
+        d.pos[row] = kept
+        j = len(turns.rows)
+        turns.rows.append(r)
+        turns.live.append(j)
+        turns.tails.append(tail_text(r.tokens, loop.texts))
+        if ends_with_tool_stop(r, loop.texts, loop.tool_stops):
+            turns.waiting[j] = loop.start_call(r)
+        out.append(ctx[kept:])
+        _add_cost(cost, "prefill_tokens", len(ctx) - kept)
+        _add_cost(cost, "prefill_tokens_per_row", len(ctx))
+    return out
 
 
 def _wait_when_idle(turns, cost, as_ready):
@@ -474,34 +546,42 @@ def _generate_batch(model, loop, rows, pad, cost):
     token it sampled and/or its tool result. With sampling.results_as_ready a result is fed as
     soon as it is ready, so a row whose call returned samples again while slower calls still run
     elsewhere, and only when every live row waits does the loop block, on the first result;
-    without, results are fed when every live row waits, after blocking on all of them. cost gets
+    without, results are fed when every live row waits, after blocking on all of them. With
+    loop.on_finish, rows that finish are handed to it and the rollouts it returns join the batch
+    (phases 3-5) -> (the rollouts that joined, those queued for a later batch). cost gets
     prefill_tokens (computed), prefill_tokens_per_row (as if rows shared nothing), tool_wait_s
-    (blocked with nothing to sample) and generate_s (the whole batch).
+    (blocked with nothing to sample), decode_steps (forward passes after the prefill), on_finish_s
+    (in the hook) and generate_s (the whole batch, the hook's time excluded).
     Example (results_as_ready): rows A (slow search) and B (instant python) both stop at a closing
     tag; B's result is fed at the next step and B goes on sampling while A's search runs.
     """
-    t0 = time.time()
+    t0, hook0 = time.time(), cost.get("on_finish_s", 0)
     d, prefill = start_decoding(model, [r.prompt + r.tokens for r in rows], pad)
     _add_cost(cost, "prefill_tokens", prefill)
     _add_cost(cost, "prefill_tokens_per_row", sum(len(r.prompt) + len(r.tokens) for r in rows))
     tails = [tail_text(r.tokens, loop.texts) for r in rows]
-    turns = Turns(rows=rows, live=list(range(len(rows))), tails=tails)
+    turns = Turns(rows=list(rows), live=list(range(len(rows))), tails=tails)
     for j, r in enumerate(rows):
         if ends_with_tool_stop(r, loop.texts, loop.tool_stops):
             turns.waiting[j] = loop.start_call(r)
-    as_ready = loop.sampling.results_as_ready
+    as_ready, queued = loop.sampling.results_as_ready, []
     while turns.live:
         idle = _wait_when_idle(turns, cost, as_ready)
         new, finished = [[] for _ in turns.live], set()
         _sample_phase(loop, turns, d.logits, new, finished)
         if as_ready or idle:
             _feed_results_phase(loop, turns, new, finished)
-        new = _drop_finished(d, turns, new, finished)
+        joins, later = _join_phase(loop, turns, finished, cost)
+        queued += later
+        new = _drop_finished(d, turns, new, finished, [b for b, _, _ in joins])
+        new += _continue_joined(d, loop, turns, joins, cost)
         if turns.live:
             feed(model, d, new, pad)
+            _add_cost(cost, "decode_steps", 1)
             if as_ready:                               # results enter one by one: holes pile up
                 squeeze_holes(d)
-    _add_cost(cost, "generate_s", time.time() - t0)
+    _add_cost(cost, "generate_s", time.time() - t0 - (cost.get("on_finish_s", 0) - hook0))
+    return turns.rows[len(rows):], queued
 
 
 def run_agent(model, tokenizer, prompts, sampling, toolbox, cost=None):

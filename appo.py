@@ -891,19 +891,26 @@ def tree_signals(model, anchor, rows, cfg, recipe, pad_id):
     return entropy, omega, mask
 
 
-def branch_round(model, anchor, rollouts, frontier, cfg, recipe, content_mask, pad_id):
-    """One round of branching on the newest rollouts (`frontier`, indices into `rollouts`): H and Omega
-    per token (tree_signals), Eq. 5 ranks each rollout's candidates and its top-B are taken; where a
-    prompt would overshoot M the globally best points are kept.
-    -> (the new branches, not yet sampled; this round's counts for the step metrics)."""
-    rows = [rollouts[i] for i in frontier]
+def pick_branch_points(model, anchor, rows, cfg, recipe, content_mask, pad_id):
+    """Eqs. 3-5 on finished rollouts: H and Omega per token (tree_signals), the candidates, and each
+    rollout's top-B by Eq. 5's rank; the signals are kept on the rollouts (record_signals).
+    -> (points and priority per rollout, as select_branch_points; counts for the step metrics)."""
     entropy, omega, _ = tree_signals(model, anchor, rows, cfg, recipe, pad_id)
     cands = candidate_mask(rows, content_mask, recipe.keep_branch_token, recipe.candidates == "after_tool")
     points, priority, degenerate = select_branch_points(entropy, omega, cands, cfg.branch_points,
                                                         rule=recipe.branch_rule)   # Eq. 5, top-B
     record_signals(rows, entropy, omega, cands)
-    stats = {"tree/omega_degenerate": int(degenerate.sum()), "tree/scored": int(cands.any(-1).sum()),
-             "tree/rounds": 1}                                                # scored: rows that could branch
+    return points, priority, {"tree/omega_degenerate": int(degenerate.sum()),     # scored: could branch
+                              "tree/scored": int(cands.any(-1).sum())}
+
+
+def branch_round(model, anchor, rollouts, frontier, cfg, recipe, content_mask, pad_id):
+    """One round of branching on the newest rollouts (`frontier`, indices into `rollouts`): each rollout's
+    top-B points (pick_branch_points); where a prompt would overshoot M the globally best points are kept.
+    -> (the new branches, not yet sampled; this round's counts for the step metrics)."""
+    rows = [rollouts[i] for i in frontier]
+    points, priority, stats = pick_branch_points(model, anchor, rows, cfg, recipe, content_mask, pad_id)
+    stats["tree/rounds"] = 1
     count, by_prompt, new = per_prompt(rollouts), {}, []
     for i, pts, pri in zip(frontier, points, priority):
         for t, p in zip(pts, pri):
@@ -916,22 +923,65 @@ def branch_round(model, anchor, rollouts, frontier, cfg, recipe, content_mask, p
     return new, stats
 
 
+def branch_as_finished(model, anchor, rollouts, cfg, recipe, content_mask, pad_id, stats):
+    """The first round of branching, streamed: generate_rollouts' on_finish hook. The initial rollouts
+    that finish at a decoding step get their top-B points at once (pick_branch_points), and their
+    branches are sampled in the same batch while the other rollouts still run. The points are those
+    branch_round would pick with all N rollouts finished: Eqs. 3-5 z-score within each rollout, and
+    the per-prompt cut cannot bind in this round when B N <= M - N (expand_tree checks). Branches end
+    there (one round). -> (the hook, the list its branches go to, in the order they were made)."""
+    index, branches = {id(r): i for i, r in enumerate(rollouts)}, []
+
+    def on_finish(done):
+        rows, kids = [r for r in done if id(r) in index], {}            # initial rollouts, not branches
+        if rows:
+            points, _, counts = pick_branch_points(model, anchor, rows, cfg, recipe, content_mask, pad_id)
+            for k, v in counts.items():
+                stats[k] += v
+            for r, pts in zip(rows, points):
+                kids[id(r)] = [branch_from(r, index[id(r)], t, recipe.keep_branch_token) for t in pts]
+                r.branch_points += pts
+                branches.extend(kids[id(r)])
+        return [kids.get(id(r), []) for r in done]
+    return on_finish, branches
+
+
 def expand_tree(model, anchor, tokenizer, prompts, cfg, recipe, toolbox, content_mask):
     """All rollouts of one RL step: N per prompt, then rounds of branching until M per prompt.
-    Returns (rollouts with the initial ones first, statistics of the tree and of what it cost)."""
-    sampling, cost = sampling_of(cfg), {}
+
+    The first round is streamed when its per-prompt cut cannot bind, B N <= M - N (the paper's
+    M = (B + 1) N): each initial rollout is branched as soon as it finishes and its branches join the
+    running batch (branch_as_finished), so none waits for the slowest initial rollout. With M < (B + 1) N
+    the round keeps each prompt's globally best points and waits for all N (branch_round). Later rounds
+    (a prompt still short of M: rollouts with fewer than B candidates, as ARPO's, or M > (B + 1) N) and
+    ARPO's refill need the whole previous round, so they run round by round after it.
+    Returns (rollouts: the initial ones first, then each round's branches, those of the streamed round
+    by parent, best point first; statistics of the tree and of what it cost)."""
+    sampling, cost, pad = sampling_of(cfg), {}, tokenizer.pad_token_id
     rollouts = [Rollout(example=i, prompt=p) for i, p in enumerate(prompts)
                 for _ in range(recipe.initial_rollouts)]
     for i, r in enumerate(rollouts):
         r.root = i
-    generate_rollouts(model, tokenizer, rollouts, sampling, toolbox, cost)
-    frontier = list(range(len(rollouts)))
     stats = {"tree/omega_degenerate": 0, "tree/scored": 0, "tree/rounds": 0}
+    if recipe.branching and recipe.initial_rollouts * (cfg.branch_points + 1) <= cfg.group_size:
+        hook, new = branch_as_finished(model, anchor, rollouts, cfg, recipe, content_mask, pad, stats)
+        held = anchor if recipe.branch_rule == "bs" and cfg.omega_anchor != "sampler" else None  # Omega's
+        with on_device(held, next(model.parameters()).device):        # once for the tree, not per row
+            generate_rollouts(model, tokenizer, rollouts, sampling, toolbox, cost, on_finish=hook)
+        stats["tree/rounds"] = 1
+        frontier = list(range(len(rollouts), len(rollouts) + len(new)))
+        rollouts += sorted(new, key=lambda b: b.parent)                 # stable: each parent's best first
+    else:
+        generate_rollouts(model, tokenizer, rollouts, sampling, toolbox, cost)
+        frontier = list(range(len(rollouts)))
+    branch_s = cost.get("on_finish_s", 0)
     while frontier and recipe.branching:
         count = per_prompt(rollouts)
         frontier = [i for i in frontier if count[rollouts[i].example] < cfg.group_size]
+        t0 = time.time()
         new, counts = branch_round(model, anchor, rollouts, frontier, cfg, recipe, content_mask,
-                                   tokenizer.pad_token_id) if frontier else ([], {})
+                                   pad) if frontier else ([], {})
+        branch_s += time.time() - t0
         for k, v in counts.items():
             stats[k] += v
         if not new:
@@ -949,7 +999,9 @@ def expand_tree(model, anchor, tokenizer, prompts, cfg, recipe, toolbox, content
         rollouts += extra
     stats["cost/prefill_tokens"] = cost.get("prefill_tokens", 0)
     stats["cost/prefill_tokens_per_row"] = cost.get("prefill_tokens_per_row", 0)
+    stats["cost/decode_steps"] = cost.get("decode_steps", 0)
     stats.update({f"time/{k}": cost.get(k, 0) for k in ("generate_s", "tool_wait_s")})
+    stats["time/branch_s"] = branch_s                                   # Eqs. 3-5: scoring and choosing
     return rollouts, stats
 
 
@@ -1127,8 +1179,8 @@ def main(argv=None):
     clock.lap("evaluation before RL")
     for step in range(run.start + 1, cfg.steps + 1):
         batch = step_batch(train_split, cfg, step)[rank::world]     # whole prompts: Eq. 6 groups whole
-        ##### rollout tree: expand_tree (the loop: generate_rollouts; Eqs. 3-5 in branch_round ->
-        ##### branching_score picks the points, branch_from makes the branches) #####
+        ##### rollout tree: expand_tree (the loop: generate_rollouts; Eqs. 3-5 in pick_branch_points, as
+        ##### each rollout finishes or by round -> branching_score picks, branch_from branches) #####
         t0 = time.time()
         model.eval()
         with autocast(device, cfg.dtype):

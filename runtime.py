@@ -483,8 +483,10 @@ def frozen_copy(model):
 @contextlib.contextmanager
 def on_device(model, device):
     """Move a frozen copy (the Eq. 4 anchor, the KL reference) to `device` for the block and back
-    to the CPU after, so it takes accelerator memory only while it is used."""
-    if model is None or device.type == "cpu":
+    to the CPU after, so it takes accelerator memory only while it is used. A model already there
+    stays there (an enclosing block moved it: the streamed branching round holds the anchor on the
+    device for the whole tree, and each scoring inside it must not move it back)."""
+    if model is None or device.type == "cpu" or next(model.parameters()).device == device:
         yield model
         return
     model.to(device)

@@ -1240,6 +1240,188 @@ def test_core_tree_with_anchor_equal_to_policy_is_degenerate(memorized):
     assert stats["tree/omega_degenerate"] == stats["tree/scored"] > 0   # Omega = 1: entropy fallback
 
 
+# --- the first branching round, streamed: branches join the running batch as their parent finishes ---
+def branch_each(initial, forks, made, seen):
+    """An on_finish hook: each rollout of `initial` that finishes gets one branch per fork in `forks`
+    before its last sampled token: its tokens y_<fork (branch_from with keep_token=False), re-sampled
+    from y_fork on. made gets (branch, an unsampled copy of it); seen, per call, whether the branches
+    made so far had sampled anything and which initial rollouts were done."""
+    index = {id(r): i for i, r in enumerate(initial)}
+
+    def on_finish(done):
+        seen.append(([len(b.tokens) > b.fork for b, _ in made], [r.done for r in initial]))
+        out = []
+        for r in done:
+            kids = []
+            if id(r) in index:
+                last = max(t for t, m in enumerate(r.mask) if m)
+                for f in forks:
+                    if f < last:
+                        kids.append(appo.branch_from(r, index[id(r)], f, keep_token=False))
+                        made.append((kids[-1], copy.deepcopy(kids[-1])))
+            out.append(kids)
+        return out
+    return on_finish
+
+
+def random_llama(tokenizer, seed=0):
+    """An untrained 2-layer Llama: its greedy tokens depend on every context token and position."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+def staggered(tokenizer, prompt, starts, text=TRACE):
+    """Initial rollouts that already hold the first k tokens of `text` (sampled, m_t = 1) for k in
+    starts, so with one budget they finish at different steps."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [appo.Rollout(example=0, prompt=prompt, tokens=ids[:k], mask=[1] * k, logp=[0.0] * k,
+                         entropy=[0.0] * k, root=i) for i, k in enumerate(starts)]
+
+
+def stream_setup(memorized, setup):
+    """(model, initial rollouts, forks, sampling): "random" has no tools; "tools" is the memorised
+    trace, forks inside the call, before its last '>', right after it (the call starts at once),
+    after the result and in the answer; "as_ready" the same with results fed as they arrive."""
+    model, tokenizer, prompt = memorized
+    if setup == "random":
+        return (random_llama(tokenizer), staggered(tokenizer, prompt, [0, 6, 12]), [3, 8, 14, 20],
+                appo.Sampling(greedy=True, max_response_tokens=24))
+    return (model, staggered(tokenizer, prompt, [0, 10]), [5, 12, 26, 27, 49, 55],
+            greedy(results_as_ready=setup == "as_ready"))
+
+
+@pytest.mark.parametrize("setup", ["random", "tools", "as_ready"])
+def test_core_streamed_branch_continues_as_if_started_alone(memorized, setup):
+    """A branch continued in the running batch, on a copy of its finished parent's cache row (mask cut
+    to the shared prefix, position set, its last token fed with the other rows'), decodes exactly as
+    the same branch started alone (prefilled): greedy tokens, log-probs and entropies. A cache column
+    too many or too few, or a wrong position, changes the untrained model's logits; the tool setups
+    check what the parent's cache holds after a result was fed (or not yet) and that a branch ending
+    in a closing tag runs its call."""
+    tokenizer = memorized[1]
+    model, initial, forks, sampling = stream_setup(memorized, setup)
+    made, seen, cost = [], [], {}
+    appo.generate_rollouts(model, tokenizer, initial, sampling, run_python, cost,
+                           on_finish=branch_each(initial, forks, made, seen))
+    assert len(made) == len(initial) * len(forks) and cost["prefill_tokens"] < cost["prefill_tokens_per_row"]
+    for streamed, alone in made:
+        appo.generate_rollouts(model, tokenizer, [alone], sampling, run_python)
+        assert streamed.done and len(streamed.tokens) > streamed.fork
+        assert streamed.tokens == alone.tokens and streamed.mask == alone.mask, (streamed.fork, streamed.text)
+        assert streamed.calls == alone.calls and streamed.text == alone.text
+        close(torch.tensor(streamed.logp), torch.tensor(alone.logp), atol=1e-5)
+        close(torch.tensor(streamed.entropy), torch.tensor(alone.entropy), atol=1e-5)
+    if setup != "random":
+        assert any(b.calls and b.fork <= 27 for b, _ in made)          # forks before the call make it
+        assert all(b.calls == initial[0].calls for b, _ in made)
+
+
+def test_core_streamed_branches_start_before_the_last_initial_rollout_finishes(memorized, monkeypatch):
+    """Staggered initial rollouts: when the last one finishes, branches of the earlier ones have
+    already sampled tokens in the same batch, and every branch joined that batch (one start)."""
+    model, initial, forks, sampling = stream_setup(memorized, "random")
+    made, seen, starts, start = [], [], [], agent.start_decoding
+    monkeypatch.setattr(agent, "start_decoding", lambda m, c, p: (starts.append(len(c)), start(m, c, p))[1])
+    appo.generate_rollouts(model, memorized[1], initial, sampling, run_python,
+                           on_finish=branch_each(initial, forks, made, seen))
+    last = next(k for k, (_, done) in enumerate(seen) if all(done))           # the call with the last one
+    sampled_before, _ = seen[last]
+    assert sum(sampled_before) >= len(forks) and not all(seen[0][1])
+    assert starts == [len(initial)] and len(made) == len(initial) * len(forks)
+
+
+def test_core_streamed_branches_past_batch_size_wait_for_a_later_batch(memorized, monkeypatch):
+    """batch_size 2: a finishing parent frees its own row only, so one of its branches joins the batch
+    and the rest are queued, then prefilled in later batches. No forward pass holds more than 2 rows,
+    and every branch, joined or queued, decodes as if started alone."""
+    model, tokenizer, prompt = memorized
+    model = random_llama(tokenizer)
+    sampling = appo.Sampling(greedy=True, max_response_tokens=24, batch_size=2)
+    initial, made, seen, rows, starts = staggered(tokenizer, prompt, [0, 8]), [], [], [], []
+    feed, start = agent.feed, agent.start_decoding
+    monkeypatch.setattr(agent, "feed", lambda m, d, new, pad: (rows.append(len(new)), feed(m, d, new, pad)))
+    monkeypatch.setattr(agent, "start_decoding", lambda m, c, p: (starts.append(len(c)), start(m, c, p))[1])
+    appo.generate_rollouts(model, tokenizer, initial, sampling, run_python,
+                           on_finish=branch_each(initial, [3, 9, 15], made, seen))
+    assert max(rows) == 2 and starts == [2, 2, 2]                 # 2 initial, then 4 queued branches
+    assert len(made) == 6
+    monkeypatch.setattr(agent, "feed", feed)
+    for streamed, alone in made:
+        appo.generate_rollouts(model, tokenizer, [alone], sampling, run_python)
+        assert streamed.done and streamed.tokens == alone.tokens
+        close(torch.tensor(streamed.logp), torch.tensor(alone.logp), atol=1e-5)
+
+
+def test_core_on_device_leaves_a_model_where_an_enclosing_block_put_it():
+    """The streamed round holds the anchor on the accelerator for the whole tree; each scoring inside
+    it (tree_signals' own on_device) must neither move it again nor send it back to the CPU."""
+    moves = []
+
+    class Fake:                                      # stands in for a model: where it is, and .to
+        device = torch.device("cpu")
+
+        def parameters(self):
+            yield SimpleNamespace(device=self.device)
+
+        def to(self, device):
+            moves.append(str(device))
+            self.device = torch.device(device)
+
+    fake, gpu = Fake(), torch.device("cuda", 0)
+    with runtime.on_device(fake, gpu):
+        with runtime.on_device(fake, gpu):
+            pass
+        assert fake.device == gpu
+    assert moves == ["cuda:0", "cpu"] and fake.device == torch.device("cpu")
+
+
+def test_core_streamed_round_picks_the_points_branch_round_picks(half_trained, monkeypatch):
+    """With M = (B + 1) N the first round is streamed; for every initial rollout it branches at exactly
+    the points (in rank order) and with the signals that branch_round picks from the same finished
+    rollouts all at once. Branches come after the initial rollouts, grouped by parent, best point
+    first; each joined the batch feeding one token (prefill = the shared prompt once + one token per
+    row); they start while other initial rollouts still sample; the same seed gives the same tree."""
+    model, tokenizer, prompt = half_trained
+    cfg, content, anchor = tiny_cfg(), appo.content_token_mask(tokenizer), perturbed(model)
+    recipe, seen = appo.resolve(cfg), []
+    orig = appo.branch_as_finished
+    def spy(*a, **k):
+        hook, made = orig(*a, **k)
+        def on_finish(done):
+            seen.append((sum(len(b.tokens) > b.fork for b in made), len(done)))
+            return hook(done)
+        return on_finish, made
+    monkeypatch.setattr(appo, "branch_as_finished", spy)
+    trees = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        trees.append(appo.expand_tree(model, anchor, tokenizer, [prompt, prompt], cfg, recipe, run_python,
+                                      content))
+    (rollouts, stats), (twin, _) = trees
+    assert [r.tokens for r in rollouts] == [r.tokens for r in twin]                # deterministic
+    n = 2 * cfg.n_initial
+    initial, branches = rollouts[:n], rollouts[n:]
+    again = copy.deepcopy(initial)
+    for r in again:
+        r.branch_points, r.signals = [], {}
+    appo.branch_round(model, anchor, again, list(range(n)), cfg, recipe, content, tokenizer.pad_token_id)
+    assert [r.branch_points for r in initial] == [r.branch_points for r in again]
+    assert sum(map(len, (r.branch_points for r in initial))) == len(branches) == n * cfg.branch_points
+    for r, s in zip(initial, again):
+        close(torch.tensor(r.signals["omega"]), torch.tensor(s.signals["omega"]), atol=1e-5)
+        assert r.signals["candidate"] == s.signals["candidate"]
+    assert [(b.parent, b.branch_pos) for b in branches] == [(i, t) for i, r in enumerate(initial)
+                                                             for t in r.branch_points]
+    assert stats["tree/rounds"] == 1 and stats["tree/scored"] == n and stats["tree/omega_degenerate"] == 0
+    assert stats["cost/prefill_tokens"] == len(prompt) - 1 + n + len(branches)
+    assert len({len(r.tokens) for r in initial}) > 1 and len(seen) > 1
+    assert any(sampled > 0 for sampled, _ in seen)                # branches sampled before a later finish
+
+
 BF16 = torch.device("cpu")        # CPU autocast in bfloat16: where the sampler and the trainer's paths differ
 
 
