@@ -280,6 +280,15 @@ def scoring_phases(s, shape, micro, context, chunk, base):
             "rescoring pi_old": {**base, "forward (no grad)": forward, "logit chunk (no grad)": logits}}
 
 
+def logit_backward_bytes(s, chunk):
+    """Peak of TargetLogProb's backward for one chunk: the rebuilt float32 logits while their bf16 copy
+    is made, or later that copy beside the head's gradient (bf16, then float32); in float32 the logits
+    beside the head's gradient."""
+    if s.e == 2:
+        return max(6 * chunk * s.vocab, 2 * chunk * s.vocab + 6 * s.vocab * s.d)
+    return 4 * chunk * s.vocab + 4 * s.vocab * s.d
+
+
 def update_phases(s, shape, micro, context, chunk, checkpointing, foreach, world, accumulate, base):
     """ppo_update: a micro-batch's forward, its backward (with the gradients of the mini-batch's earlier
     micro-batches when it has several: `accumulate`), the optimizer step."""
@@ -295,7 +304,7 @@ def update_phases(s, shape, micro, context, chunk, checkpointing, foreach, world
         "update, forward": {**base, "saved activations": saved, "logit chunk (no grad)": 8 * chunk * s.vocab},
         "update, backward": {**persistent, "saved activations": saved,
                              "saved bf16 weights": 0 if checkpointing else cache,
-                             "logit chunk backward": 20 * chunk * s.vocab + head_cast,
+                             "logit chunk backward": logit_backward_bytes(s, chunk) + head_cast,
                              "gradients (float32)": 4 * s.n if accumulate else 4 * s.vocab * s.d,  # or head's
                              "hidden-state gradient": 4 * s.d * tokens},
         "optimizer step": {**persistent, "gradients (float32)": 4 * s.n,
@@ -320,7 +329,8 @@ def memory_plan(shape, rows, context, micro=1, chunk=1024, *, dtype="bfloat16", 
       scoring               the float32 anchor on the device (on_device) and a micro-batch forward
       rescoring pi_old      a no-grad forward of a micro-batch before the update
       update, forward       saved activations, the forward's bf16 weight cache, a logit chunk
-      update, backward      a logit chunk's recompute and backward, the gradients so far
+      update, backward      a logit chunk rebuilt by TargetLogProb (float32, its bf16 copy), the head's
+                            gradient, the gradients so far
       optimizer step        float32 gradients and foreach AdamW's temporary (a copy of sqrt(v))
     Not counted: the CUDA context and cuBLAS/NCCL workspaces (outside the allocator), fragmentation
     (rows of different lengths leave holes; PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lets

@@ -1408,7 +1408,8 @@ def test_core_streamed_round_picks_the_points_branch_round_picks(half_trained, m
     again = copy.deepcopy(initial)
     for r in again:
         r.branch_points, r.signals = [], {}
-    appo.branch_round(model, anchor, again, list(range(n)), cfg, recipe, content, tokenizer.pad_token_id)
+    _, at_once = appo.branch_round(model, anchor, again, list(range(n)), cfg, recipe, content,
+                                   tokenizer.pad_token_id)
     assert [r.branch_points for r in initial] == [r.branch_points for r in again]
     assert sum(map(len, (r.branch_points for r in initial))) == len(branches) == n * cfg.branch_points
     for r, s in zip(initial, again):
@@ -1416,7 +1417,8 @@ def test_core_streamed_round_picks_the_points_branch_round_picks(half_trained, m
         assert r.signals["candidate"] == s.signals["candidate"]
     assert [(b.parent, b.branch_pos) for b in branches] == [(i, t) for i, r in enumerate(initial)
                                                              for t in r.branch_points]
-    assert stats["tree/rounds"] == 1 and stats["tree/scored"] == n and stats["tree/omega_degenerate"] == 0
+    assert stats["tree/rounds"] == 1 and stats["tree/scored"] == n
+    assert stats["tree/omega_degenerate"] == at_once["tree/omega_degenerate"]
     assert stats["cost/prefill_tokens"] == len(prompt) - 1 + n + len(branches)
     assert len({len(r.tokens) for r in initial}) > 1 and len(seen) > 1
     assert any(sampled > 0 for sampled, _ in seen)                # branches sampled before a later finish
@@ -1721,6 +1723,18 @@ def test_core_first_minibatch_uses_its_own_pass_as_pi_old(memorized):
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-7, rtol=0)
     assert not all(torch.equal(pa, pm) for pa, pm in zip(a.parameters(), model.parameters()))
+
+
+def test_core_sample_rows_draws_from_the_distribution(monkeypatch):
+    """The sampler's inverse-CDF draw: frequencies within 5 standard errors of the probabilities over
+    400k draws, a zero-probability token never drawn, even when u is at its top (rand -> 1)."""
+    torch.manual_seed(0)
+    p = torch.tensor([[0.1, 0.2, 0.7, 0.0]]).expand(400_000, 4).contiguous()
+    freq = torch.bincount(agent.sample_rows(p), minlength=4).double() / len(p)
+    se = (p[0].double() * (1 - p[0].double()) / len(p)).sqrt()
+    assert ((freq - p[0]).abs() <= 5 * se + 1e-12).all() and freq[3] == 0
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.ones(shape, **kw))
+    assert agent.sample_rows(torch.tensor([[0.5, 0.5, 0.0, 0.0]])).tolist() == [1]
 
 
 def test_core_pack_first_fit_decreasing():
@@ -2269,7 +2283,7 @@ def cpu_peak(fn):
 @pytest.mark.parametrize("dtype, checkpointing, micro", [("bfloat16", True, 2), ("float32", False, 1)])
 def test_core_gpu_plan_update_matches_the_measured_peak_on_cpu(dtype, checkpointing, micro):
     """One ppo_update of a small Qwen2 (AdamW state already there, foreach off as on the CPU): the
-    measured peak over the weights and moments is within 15 % of the plan's (measured: 0.92-1.01)."""
+    measured peak over the weights and moments is within 15 % of the plan's (measured: 0.97 and 1.04)."""
     import bench
     shape = dict(SMALL_QWEN, vocab_size=8000, hidden_size=128, intermediate_size=448, num_hidden_layers=3)
     torch.manual_seed(0)
