@@ -169,8 +169,9 @@ class Config:
     """pi_old of Eqs. 7-8 and the policy side of Eq. 4 from the trainer's own forward pass (as verl
     recomputes old log-probs), not from the sampler's KV-cached decoding, so both sides of every ratio
     are one computation (README Decisions). The two paths agree to ~1e-6 in float32 but differ by up to
-    ~2e-2 under bf16 autocast (measured on CPU; how much depends on the kernels). Costs one no-grad
-    forward pass over the trained rollouts per step, and one over each branching round's rollouts.
+    ~2e-2 under bf16 autocast (measured on CPU; how much depends on the kernels). Costs a no-grad
+    forward pass over the rollouts of every PPO mini-batch but the first (that one's own loss pass is
+    pi_old), and one over the rollouts being branched.
     False: the sampler's values (exact only in float32)."""
     lr: float = 2.5e-4
     """AdamW learning rate. Paper code: 1e-6 for 7B; the 0.6M-parameter toy needs far more: 2.5e-4,
