@@ -177,8 +177,9 @@ def trl(model_dir, data_dir, steps="6"):
                           reward_funcs=lambda completions, **kw: [float("boxed" in str(c)) for c in completions],
                           processing_class=AutoTokenizer.from_pretrained(model_dir), callbacks=[Clock()])
     trainer.train()
+    later = times[1:] or times                                  # a 1-step run (whole-command timing)
     print("TRL GRPOTrainer seconds per step:", [round(t, 2) for t in times],
-          f"median of steps 2-{len(times)}: {statistics.median(times[1:]):.2f} s")
+          f"median of steps {2 if len(times) > 1 else 1}-{len(times)}: {statistics.median(later):.2f} s")
 
 
 QWEN25 = {   # the published config.json values of Qwen2.5-{0.5B,1.5B}-Instruct (no download needed)
