@@ -233,8 +233,8 @@ class Config:
     and RL starts from it; `python toy.py natural DIR` writes such traces for a real chat model."""
     sft_epochs: float = 0.0
     """Passes over the SFT traces; > 0 overrides sft_steps."""
-    sft_steps: int = 2500
-    """Cold-start SFT steps (paper: 3 epochs of 54K traces). The toy: 2,500 x 16 traces (~11 epochs),
+    sft_steps: int = 3000
+    """Cold-start SFT steps (paper: 3 epochs of 54K traces). The toy: 3,000 x 16 traces (~13 epochs),
     chosen on its validation split so that the tool mechanics are reliable on every seed (RESULTS.md)."""
     sft_batch_size: int = 16
     """Traces per SFT step."""
