@@ -705,8 +705,8 @@ def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_ent
     Memory: the vocabulary-sized logits are built from the final hidden states `chunk` tokens
     (rows x positions) at a time, and with gradients each chunk's logits are rebuilt in the
     backward pass (TargetLogProb; checkpointing for top-p and other heads), so one chunk's float32
-    logits exist at a time instead of several (b, T, V) copies. Models that post-process their logits (soft-capping, scaling)
-    take the plain full-logits path.
+    logits exist at a time instead of several (b, T, V) copies. Models that post-process their
+    logits (soft-capping, scaling) take the plain full-logits path.
     """
     device = next(model.parameters()).device
     ids, attn, mask, P = pad_batch(rollouts, pad_id, device)

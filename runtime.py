@@ -931,7 +931,8 @@ def time_report(phases, rows):
     for name, sec in phases.items():
         if name == "RL" and rows:
             other = sec - sum(rl.values())
-            inner = ", ".join(f"{k} {v:.0f}" for k, v in rl.items()) + f", logging and checkpoints {other:.0f}"
+            inner = ", ".join(f"{k} {v:.0f}" for k, v in rl.items())
+            inner += f", logging and checkpoints {other:.0f}"
             parts.append(f"RL {len(rows)} steps {sec:.0f} ({inner})")
         else:
             parts.append(f"{name} {sec:.0f}")
@@ -951,7 +952,8 @@ def write_summary(cfg, before, after, metrics_path, clock):
                       "skipped_nonfinite": sum(m["update/skipped_nonfinite"] for m in rows)}}
     timing = {"wall_s": round(time.time() - clock.start, 1),
               "phases_s": {k: round(v, 1) for k, v in clock.phases.items()},
-              **{k: round(sum(m[k] for m in rows), 1) for k in (rows[0] if rows else {}) if k.startswith("time/")}}
+              **{k: round(sum(m[k] for m in rows), 1)
+                 for k in (rows[0] if rows else {}) if k.startswith("time/")}}
     for name, obj in (("summary.json", summary), ("timing.json", timing)):
         with open(os.path.join(cfg.out_dir, name), "w") as f:
             json.dump(obj, f, indent=2)
