@@ -2039,14 +2039,14 @@ def test_core_combine_ranks_sums_counts_averages_rates_takes_slowest_time():
 
 
 def test_script_torchrun_ranks_outwait_a_cold_start_longer_than_the_timeout(tmp_path):
-    """Rank 0 builds the toy world and runs the cold-start SFT (~30 s here) while rank 1 waits on the
-    launcher's store; with a 15-second --dist_timeout, waiting in a collective (a barrier) would fail."""
+    """Rank 0 builds the toy world and runs the cold-start SFT (~20 s here) while rank 1 waits on the
+    launcher's store; with a 6-second --dist_timeout, waiting in a collective (a barrier) would fail."""
     import re
     res = torchrun(os.path.join(HERE, "appo.py"), f"--out_dir={tmp_path}", *SMOKE, "--steps=1", "--pass_k=0",
-                   "--dist_timeout=0.25", timeout=400)
+                   "--sft_steps=250", "--dist_timeout=0.1", timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     m, s = re.findall(r"sft: 100%.*?\[(\d+):(\d+)<", res.stderr)[-1]
-    assert 60 * int(m) + int(s) > 15, res.stderr[-2000:]              # longer than the collective timeout
+    assert 60 * int(m) + int(s) > 6, res.stderr[-2000:]               # longer than the collective timeout
     assert res.stdout.count("step 1/1") == 1 and os.path.exists(tmp_path / "summary.json")
 
 
