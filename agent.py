@@ -166,11 +166,12 @@ def policy_log_softmax(scaled, top_p=1.0):
 # ---------------------------------------------------------------------------------------------
 # The loop: prefill once, sample, pause at tool calls, feed results, drop finished rows
 # ---------------------------------------------------------------------------------------------
-def entropy_from_logp(logp):
+def entropy_from_logp(logp, probs=None):
     """Eq. 3 from log-probabilities: H_t = -sum_v p_t(v) log p_t(v), over the last dim (the vocabulary).
     p log p -> 0 as p -> 0 (and a token outside the nucleus, log p = -1e4, adds exactly 0): no NaN.
+    `probs`: logp.exp() when the caller has it already (the sampler draws from it).
     Example: logp = log [[0.75, 0.25]] -> [0.5623]."""
-    return -(logp.exp() * logp).sum(-1)
+    return -((logp.exp() if probs is None else probs) * logp).sum(-1)
 
 
 def entropy_from_logits(logits):
@@ -293,7 +294,7 @@ def pick_tokens(logits, sampling):
     logp_all = policy_log_softmax(logits / sampling.temperature, sampling.top_p)       # (b, V)
     probs = logp_all.exp()
     tok = logits.argmax(-1) if sampling.greedy else sample_rows(probs)
-    entropy = -(probs * logp_all).sum(-1)                                                # Eq. 3
+    entropy = entropy_from_logp(logp_all, probs)                                         # Eq. 3
     return tok, logp_all.gather(-1, tok[:, None])[:, 0], entropy
 
 
@@ -697,6 +698,17 @@ def _chunk_logp(hidden, targets, head, temperature, with_entropy, top_p=1.0):
     return logp, entropy_from_logp(logp_all)                                   # H, as the sampler computes it
 
 
+def chunk_logp(hidden, targets, head, temperature, with_entropy=False, top_p=1.0):
+    """_chunk_logp with the memory-saving gradient path: TargetLogProb for a plain head (top_p 1, no
+    entropy), checkpointing otherwise; without gradients _chunk_logp itself -> (logp, H or None)."""
+    if torch.is_grad_enabled() and plain_head(head) and top_p == 1.0 and not with_entropy:
+        return TargetLogProb.apply(hidden, head.weight, targets, temperature), None
+    if torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(_chunk_logp, hidden, targets, head, temperature,
+                                                 with_entropy, top_p, use_reentrant=False)
+    return _chunk_logp(hidden, targets, head, temperature, with_entropy, top_p)
+
+
 def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_entropy=False, top_p=1.0):
     """log pi(y_t | s_t) at temperature tau for every response token -> (logp, entropy, mask),
     each (b, T); entropy (Eq. 3) only when asked, without gradient. top_p < 1: pi is the
@@ -726,14 +738,8 @@ def response_logprobs(model, rollouts, temperature, pad_id, chunk=1024, with_ent
     head, targets, step = model.get_output_embeddings(), ids[:, P:], max(1, chunk // b)
     logps, ents = [], []
     for s in range(0, T, step):
-        args = (hidden[:, s:s + step], targets[:, s:s + step], head, temperature, with_entropy, top_p)
-        if torch.is_grad_enabled() and plain_head(head) and top_p == 1.0 and not with_entropy:
-            lp, h = TargetLogProb.apply(hidden[:, s:s + step], head.weight, targets[:, s:s + step],
-                                        temperature), None
-        elif torch.is_grad_enabled():
-            lp, h = torch.utils.checkpoint.checkpoint(_chunk_logp, *args, use_reentrant=False)
-        else:
-            lp, h = _chunk_logp(*args)
+        lp, h = chunk_logp(hidden[:, s:s + step], targets[:, s:s + step], head, temperature, with_entropy,
+                           top_p)
         logps.append(lp)
         ents.append(h.detach() if with_entropy else None)
     return torch.cat(logps, 1), torch.cat(ents, 1) if with_entropy else None, mask

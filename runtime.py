@@ -23,8 +23,8 @@ import torch
 
 import report
 import tools
-from agent import (Rollout, TargetLogProb, build_prompt, build_prompt_text, plain_head, response_logprobs,
-                   result_ids, token_texts)
+from agent import (Rollout, build_prompt, build_prompt_text, chunk_logp, response_logprobs, result_ids,
+                   token_texts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,14 +301,8 @@ def packed_logprobs(model, ids, pos, targets, trained, chunk=1024):
     the model sees the packing in the position ids (a new trace starts where they drop)."""
     hidden = model.base_model(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[trained]
     head, y = model.get_output_embeddings(), targets[trained]
-    out = []
-    for s in range(0, len(y), chunk):
-        h, t = hidden[None, s:s + chunk], y[None, s:s + chunk]
-        if plain_head(head):
-            out.append(TargetLogProb.apply(h, head.weight, t, 1.0)[0])
-        else:
-            out.append(head(h).float().log_softmax(-1).gather(-1, t[..., None])[0, :, 0])
-    return torch.cat(out)
+    return torch.cat([chunk_logp(hidden[None, s:s + chunk], y[None, s:s + chunk], head, 1.0)[0][0]
+                      for s in range(0, len(y), chunk)])
 
 
 def packing_works(model, rows, pad_id):
