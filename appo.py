@@ -221,6 +221,11 @@ class Config:
     toy_error_rate: float = 0.05
     """How often a teacher trace first recovers from a slip (a python syntax error, an empty search),
     so the SFT data covers what RL rollouts meet."""
+    toy_filler: bool = False
+    """The pilot question's setting: the SFT teacher writes one filler word (toy.FILLER, drawn
+    uniformly) before every action, e.g. " now<search>Kalove</search>": high entropy after SFT
+    (~ln 8 nats) but no consequence for the reward, beside the real decisions. Off: the default world.
+    A cached world of the other setting is refused (use another --toy_dir)."""
     toy_hidden: int = 128
     """Hidden size of the toy model (0.61M parameters in all)."""
     toy_layers: int = 3

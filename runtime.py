@@ -386,7 +386,7 @@ def build_toy(cfg):
     splits, corpus, init = toy.build(
         cfg.toy_dir or cfg.out_dir, cfg.seed, sizes, cfg.toy_wrong_rate, cfg.toy_error_rate, cfg.toy_hidden,
         cfg.toy_layers, cfg.toy_heads,
-        prompt_text=lambda q: build_prompt_text(q, toy.SYSTEM_PROMPT))
+        prompt_text=lambda q: build_prompt_text(q, toy.SYSTEM_PROMPT), filler=cfg.toy_filler)
     cfg.search_corpus = cfg.search_corpus or corpus
     cfg.system_prompt = toy.SYSTEM_PROMPT
     sft_dir = os.path.join(cfg.toy_dir or cfg.out_dir, "sft")

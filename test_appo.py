@@ -3349,3 +3349,81 @@ def test_eval_judge_openai_compatible_and_unreachable():
         server.shutdown()
     with pytest.raises(ev.JudgeError, match="failed 2 times"):
         ev.ask_judge("q", ["a"], "a", f"http://127.0.0.1:{server.server_port}/v1", "m", timeout=1, retries=2)
+
+
+# --- toy filler (pilot question) ---
+FILLER_RE = r"(?:^| )(?:" + "|".join(__import__("toy").FILLER) + r")(?=<(?:python|search|answer)>)"
+
+
+def without_filler(trace):
+    """The same trace with no filler: the start bare again, a single space after each result."""
+    import re
+    return re.sub(FILLER_RE, lambda m: " " if m.start() else "", trace)
+
+
+def test_toy_filler_off_draws_the_same_traces_as_before():
+    """Filler off: byte-identical traces and the same rng consumption as the code before the
+    setting (expected values computed once with it): 30 traces of seed 0, then the next draw."""
+    import hashlib
+    import toy
+    questions, corpus = toy.make_world(0)
+    search, rng = Search(corpus=corpus, topk=1), random.Random(0)
+    traces = [toy.teacher_trace(ex, search, rng, 0.6, 0.05) for t in toy.TYPES for ex in questions[t][:10]]
+    assert traces[:2] == ["<python>print(32 + 6 * 74)</python> <result>\n476\n</result> <answer>\\boxed{476}</answer>",
+                          "<answer>\\boxed{180}</answer>"]
+    assert hashlib.sha256("\n".join(traces).encode()).hexdigest() == (
+        "a780ab8327f92c990695447a22e810f36d6d66854f7dd7c0282a07b16f10ead5")
+    assert rng.random() == 0.3170468477580771
+
+
+def test_toy_filler_words_stand_before_every_action_and_change_nothing():
+    """Filler on: a FILLER word before each tool call and the answer; without them the trace scores,
+    parses (each call, with the filler before its opening tag) and checks its format the same; the
+    toy tokenizer makes each filler word one token."""
+    import re
+    import toy
+    assert len(set(toy.FILLER)) == 8 and not set(toy.FILLER) & set(toy.SYLLABLES)
+    questions, corpus = toy.make_world(0)
+    search, rng = Search(corpus=corpus, topk=1), random.Random(0)
+    traces, words = [], []
+    for t in toy.TYPES:
+        for ex in questions[t][:10]:
+            for wrong, slip in ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0)):
+                trace = toy.teacher_trace(ex, search, rng, wrong, slip, filler=True)
+                plain = without_filler(trace)
+                actions = re.findall(r"<(?:python|search|answer)>", trace)
+                found = re.findall(FILLER_RE, trace)
+                assert len(found) == len(actions) and plain != trace, trace
+                assert "  " not in tools.RESULT_SPAN.sub("", trace), trace       # the filler replaces a space
+                if not (wrong and t == "arith"):                                 # (a guess from memory is drawn)
+                    assert plain == toy.teacher_trace(ex, search, random.Random(0), wrong, slip)
+                reward = lambda text: compute_reward(text, ex["answer"], ex["kind"])
+                assert reward(trace) == reward(plain)
+                assert format_ok(trace)
+                for end in (m.end() for m in re.finditer(r"</(?:python|search)>", trace)):
+                    assert parse_tool_call(trace[:end]) == parse_tool_call(plain[:len(without_filler(trace[:end]))])
+                    assert parse_tool_call(trace[:end])[0] in ("python", "search")
+                traces.append(trace)
+                words += [w.strip() for w in found]
+    assert set(words) == set(toy.FILLER)                                 # all eight are drawn
+    tok = toy.build_tokenizer(["Use tools.\nQuestion: ?\n" + trace for trace in traces])
+    for trace in traces:
+        pieces = tok.tokenize(trace)
+        assert [p for p in pieces if p.strip() in toy.FILLER] == re.findall(FILLER_RE, trace)
+    assert tok.tokenize(" now<search>Kalove") == [" now", "<search>", "Ka", "lo", "ve"]
+
+
+def test_toy_build_refuses_a_cached_world_of_the_other_filler_setting(tmp_path):
+    import toy
+    sizes = {"test": 3, "val": 3, "rl": 3, "sft": 6}
+    build = lambda filler: toy.build(str(tmp_path), 0, sizes, 0.6, 0.0, 16, 1, 2, prompt_text=lambda q: q + "\n",
+                                     filler=filler)
+    splits = build(True)[0]
+    assert all(r["response"].startswith(" ") for r in splits["sft"])
+    assert build(True)[0] == splits                                      # the same setting: cached
+    with pytest.raises(ValueError, match="toy_filler=True.*another --toy_dir"):
+        build(False)
+    os.remove(tmp_path / "world" / "settings.json")                      # a world from before the setting
+    assert build(False)[0] == splits
+    with pytest.raises(ValueError, match="toy_filler=False.*toy_filler=True"):
+        build(True)

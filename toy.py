@@ -32,6 +32,10 @@ SYLLABLES = "ka lo ve ri ta mon zu bel dra fi ne os pra ul gar min so vik al dun
 SYSTEM_PROMPT = "Use tools."    # the toy model learns the protocol from its SFT traces; short = fast
 TYPES = ("arith", "onehop", "twohop")
 PROTOCOL = "<python>print()</python> <search></search> <result>\n</result> <answer>\\boxed{}</answer>"
+FILLER = ("ok", "now", "well", "then", "right", "next", "first", "sure")
+"""The filler words of the pilot-question setting (teacher_trace's `filler`): inconsequential choices.
+None is a name syllable ("so" is one: a name's "so" token would read as filler) or a word of the
+world's text, so a token " now" the agent writes is always a filler word."""
 TOOL_MESSAGES = ("Error: the text before </python> or </search> is not a tool call. Error: tool-call limit "
                  "(3) reached; give your answer. Error: timed out after 5 s. SyntaxError NameError")
 
@@ -126,19 +130,32 @@ def split_world(questions, sizes):
     return out
 
 
-def teacher_trace(ex, search, rng, wrong_rate, error_rate):
+def teacher_trace(ex, search, rng, wrong_rate, error_rate, filler=False):
     """One cold-start SFT response with the tag protocol inline: the right mechanics always; the
     wrong option at the example's decision with probability `wrong_rate`; with `error_rate` a
-    recovered slip first (a python syntax error, or a search with nothing in it)."""
+    recovered slip first (a python syntax error, or a search with nothing in it).
+
+    filler: a word drawn uniformly from FILLER stands before every action (each tool call and the
+    answer), in place of the space after a tool result and at the very start, with its own leading
+    space so the tokenizer makes it one token (` [a-z]+`):
+        " now<search>Kalove</search> <result>\\n...\\n</result> then<answer>\\boxed{Belne}</answer>"
+    Equivalent choices (high entropy after SFT, ~ln 8 nats) that change nothing: the tool-call
+    parser takes the last <tool>...</tool> block of a segment and ignores the text before it, and the
+    reward reads only what is inside <answer>. Off, the rng is not drawn from for it: the same traces.
+    """
+    gap = lambda: f" {rng.choice(FILLER)}" if filler else " "         # what stands before an action
     box = lambda a: f"<answer>\\boxed{{{a}}}</answer>"
-    call = lambda tag, payload, result: f"<{tag}>{payload}</{tag}>{tools.format_result(result)} "
+    call = lambda tag, payload, result: f"<{tag}>{payload}</{tag}>{tools.format_result(result)}{gap()}"
     wrong, slip = rng.random() < wrong_rate, rng.random() < error_rate
+    text = gap() if filler else ""
     if ex["type"] == "arith":
         if wrong:                                           # from memory: a tiny model cannot multiply
-            return box(int(ex["answer"][0]) + rng.choice([-1, 1]) * rng.randint(1, 60))
-        text = call("python", f"print({ex['code']}", tools.python_tool(f"print({ex['code']}")) if slip else ""
+            return text + box(int(ex["answer"][0]) + rng.choice([-1, 1]) * rng.randint(1, 60))
+        if slip:
+            text += call("python", f"print({ex['code']}", tools.python_tool(f"print({ex['code']}"))
         return text + call("python", f"print({ex['code']})", ex["answer"][0]) + box(ex["answer"][0])
-    text = call("search", "who was it", search("who was it")) if slip else ""   # stopwords only: no result
+    if slip:
+        text += call("search", "who was it", search("who was it"))          # stopwords only: no result
     if ex["type"] == "onehop":
         entity, answer = (ex["decoy"], ex["decoy_answer"]) if wrong else (ex["hops"][0], ex["answer"][0])
         return text + call("search", entity, search(entity)) + box(answer)
@@ -199,21 +216,34 @@ def build_model(tokenizer, seed, hidden, layers, heads):
     return LlamaForCausalLM(config)
 
 
-def build(out_dir, seed, sizes, wrong_rate, error_rate, hidden, layers, heads, prompt_text):
+def build(out_dir, seed, sizes, wrong_rate, error_rate, hidden, layers, heads, prompt_text, filler=False):
     """Write the world (splits, corpus, SFT traces) and the untrained model + tokenizer under
     out_dir/world and out_dir/init; cached: a second call reads them back. `prompt_text(question)`
-    renders a prompt as appo.py will. Returns {split: examples}, the corpus path, the init dir."""
+    renders a prompt as appo.py will. `filler`: teacher_trace's; recorded in world/settings.json (a
+    world without it has none), and a cached world of the other setting raises ValueError.
+    Returns {split: examples}, the corpus path, the init dir."""
     world, init = os.path.join(out_dir, "world"), os.path.join(out_dir, "init")
     names = list(sizes) + ["corpus"]
     paths = {k: os.path.join(world, f"{k}.jsonl") for k in names}
-    if not all(os.path.exists(p) for p in paths.values()):
+    settings = os.path.join(world, "settings.json")
+    if all(os.path.exists(p) for p in paths.values()):
+        cached = {"filler": False}                          # worlds cached before the setting existed
+        if os.path.exists(settings):
+            with open(settings) as f:
+                cached = json.load(f)
+        if cached["filler"] != filler:
+            raise ValueError(f"the toy world cached in {world} was built with toy_filler={cached['filler']}, "
+                             f"this run asks for toy_filler={filler}: use another --toy_dir (or --out_dir)")
+    else:
         questions, corpus = make_world(seed)
         splits = split_world(questions, sizes)
         search = tools.Search(corpus=corpus, topk=1)
         rng = random.Random(seed)
-        splits["sft"] = [dict(ex, response=teacher_trace(ex, search, rng, wrong_rate, error_rate))
+        splits["sft"] = [dict(ex, response=teacher_trace(ex, search, rng, wrong_rate, error_rate, filler))
                          for ex in splits["sft"]]
         os.makedirs(world, exist_ok=True)
+        with open(settings, "w") as f:                      # first: complete splits imply their settings
+            json.dump({"filler": filler}, f)
         for k in names:
             _write_jsonl(paths[k], corpus if k == "corpus" else splits[k])
     splits = {k: _read_jsonl(paths[k]) for k in sizes}
