@@ -86,31 +86,49 @@ def fork_statistics(rollouts):
     branch/H_fork vs branch/H_candidates and branch/omega_fork vs branch/omega_candidates:
     mean H_t / Omega_t at the forks vs over all candidate positions (Omega keys only where some
     rollout has omega). branch/n_forks: how many forks. Empty input -> {}.
+    The pilot question (toy.fork_role, a toy_filler world): branch/fork_role/<role> share of forks
+    per role (filler, decision, other: all three, summing to 1), against the base rate
+    branch/candidate_role/<filler, decision> (share of candidate positions), and
+    branch/omega_fork_<filler, decision>: mean Omega_t at forks of that role (where there are some).
+    The roles are the toy's: on other data "filler" counts toy.FILLER words, "decision" action tags.
     """
+    from toy import fork_role        # here, so `import report` needs nothing beyond the standard library
     if not rollouts:
         return {}
-    rel, spans, h_fork, h_cand, o_fork, o_cand = [], [], [], [], [], []
+    rel, spans, roles, cand_roles = [], [], [], []
+    h_fork, h_cand, o_fork, o_cand, o_role = [], [], [], [], {"filler": [], "decision": []}
     for r in rollouts:
-        points = [t for t in r.get("branch_points") or [] if 0 <= t < len(r["tokens"])]
-        mask, ent, omega = r["mask"], r.get("entropy"), r.get("omega")
+        tokens, mask, ent, omega = r["tokens"], r["mask"], r.get("entropy"), r.get("omega")
+        points = [t for t in r.get("branch_points") or [] if 0 <= t < len(tokens)]
         if points:
-            labels = token_spans(r["tokens"], mask)
+            labels = token_spans(tokens, mask)
             n = max(sum(mask), 1)
             rel += [sum(mask[:t]) / n for t in points]
             spans += [labels[t] for t in points]
         cands = [t for t, c in enumerate(r.get("candidate") or []) if c]
+        point_roles = [fork_role(tokens, mask, t) for t in points]
+        roles += point_roles
+        cand_roles += [fork_role(tokens, mask, t) for t in cands]
         if ent is not None:
             h_fork += [ent[t] for t in points]
             h_cand += [ent[t] for t in cands]
         if omega is not None:
             o_fork += [omega[t] for t in points]
             o_cand += [omega[t] for t in cands]
+            for t, role in zip(points, point_roles):
+                if role in o_role:
+                    o_role[role].append(omega[t])
     out = {"branch/n_forks": len(spans)}
     if spans:
         out["branch/fork_rel_pos"] = _mean(rel)
     out.update({f"branch/fork_span/{s}": spans.count(s) / max(len(spans), 1) for s in SPANS})
-    for key, xs in (("H_fork", h_fork), ("H_candidates", h_cand),
-                    ("omega_fork", o_fork), ("omega_candidates", o_cand)):
+    out.update({f"branch/fork_role/{s}": roles.count(s) / max(len(roles), 1)
+                for s in ("filler", "decision", "other")})
+    out.update({f"branch/candidate_role/{s}": cand_roles.count(s) / max(len(cand_roles), 1)
+                for s in ("filler", "decision")})
+    for key, xs in (("H_fork", h_fork), ("H_candidates", h_cand), ("omega_fork", o_fork),
+                    ("omega_candidates", o_cand), ("omega_fork_filler", o_role["filler"]),
+                    ("omega_fork_decision", o_role["decision"])):
         if xs:
             out[f"branch/{key}"] = _mean(xs)
     return out

@@ -3413,6 +3413,40 @@ def test_toy_filler_words_stand_before_every_action_and_change_nothing():
     assert tok.tokenize(" now<search>Kalove") == [" now", "<search>", "Ka", "lo", "ve"]
 
 
+def test_toy_fork_role_each_branch_of_the_rule():
+    import toy
+    tokens = [" now", "<search>", "Ka", "lo", "ve", "</search>", " <result>\nok\n</result>", " ok", "<answer>",
+              "\\boxed{", "Bel", "ne", "}", "</answer>"]
+    mask = [1] * 6 + [0] + [1] * 7
+    roles = [toy.fork_role(tokens, mask, t) for t in range(len(tokens))]
+    assert roles == ["filler", "decision", "decision", "other", "other", "other", "other", "filler", "decision",
+                     "other", "other", "other", "other", "other"]
+    assert toy.fork_role([" now"], [0], 0) == "other"                    # a tool result's word is not the model's
+    assert toy.fork_role(["<python>", "print", "("], [1, 1, 1], 0) == "decision"
+    assert toy.fork_role(["<python>", "print", "("], [1, 1, 1], 1) == "other"
+
+
+def test_report_fork_statistics_fork_roles():
+    tokens = [" now", "<search>", "Ka", "lo", "ve", "</search>", " <result>\nx\n</result>", " ok", "<answer>",
+              "Bel", "</answer>"]
+    mask = [1] * 6 + [0] + [1] * 4
+    a = stat_rollout(tokens, mask, [0, 1, 2, 7], [1.0] * 11, [1.0 + 0.1 * i for i in range(11)],
+                     [1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 0])
+    b = stat_rollout(tokens, mask, [3], [1.0] * 11, None, [0] * 11)
+    got = report.fork_statistics([a, b])
+    # forks: a@0 filler, a@1 and a@2 decision, a@7 filler, b@3 other
+    assert (got["branch/fork_role/filler"], got["branch/fork_role/decision"], got["branch/fork_role/other"]) == \
+        pytest.approx((2 / 5, 2 / 5, 1 / 5))
+    # candidates (a only): 0 filler, 1 2 decision, 3 4 other, 7 filler, 8 decision, 9 other
+    assert got["branch/candidate_role/filler"] == pytest.approx(2 / 8)
+    assert got["branch/candidate_role/decision"] == pytest.approx(3 / 8)
+    assert got["branch/omega_fork_filler"] == pytest.approx((1.0 + 1.7) / 2)          # b has no omega
+    assert got["branch/omega_fork_decision"] == pytest.approx((1.1 + 1.2) / 2)
+    none = report.fork_statistics([stat_rollout(["a", "b"], [1, 1], [], [1.0, 2.0], [1.0, 1.0], [1, 0])])
+    assert [none[f"branch/fork_role/{s}"] for s in ("filler", "decision", "other")] == [0.0, 0.0, 0.0]
+    assert "branch/omega_fork_filler" not in none and "branch/omega_fork_decision" not in none
+
+
 def test_toy_build_refuses_a_cached_world_of_the_other_filler_setting(tmp_path):
     import toy
     sizes = {"test": 3, "val": 3, "rl": 3, "sft": 6}

@@ -165,6 +165,23 @@ def teacher_trace(ex, search, rng, wrong_rate, error_rate, filler=False):
     return text + call("search", ex["hops"][1], search(ex["hops"][1])) + box(ex["answer"][0])
 
 
+def fork_role(tokens, mask, t):
+    """What a fork at t branches on, in the toy's terms (tokens: a response's token texts, as in the
+    tree records; a branch keeps y_t and re-samples from y_{t+1} by default):
+    "filler"   a FILLER word the model wrote (teacher_trace's `filler`: high entropy, no consequence);
+    "decision" the choice of action (<python>, <search>, <answer>: tool or memory, search again or
+               answer) or the first syllable of a searched name (which entity: siblings differ there);
+    "other"    copying (digits, names, code), closing tags, what is boxed.
+    Example: tokens [" now", "<search>", "Ka", "lo", "ve", "</search>"], mask [1] * 6:
+             t = 0 -> "filler", t = 1 -> "decision", t = 2 -> "decision", t = 3 -> "other".
+    """
+    if tokens[t].strip() in FILLER and mask[t]:
+        return "filler"
+    if tokens[t] in ("<python>", "<search>", "<answer>") or (t > 0 and tokens[t - 1] == "<search>"):
+        return "decision"
+    return "other"
+
+
 def procedure_ok(ex, rollout):
     """Did the rollout take the right option at the example's decision (whatever came after)?"""
     payloads = [p for n, p, _ in rollout.calls]
