@@ -52,6 +52,7 @@ class Rollout:
     branch_points: list = field(default_factory=list)   # positions where branches of it were made
     signals: dict = field(default_factory=dict)         # per token: omega, z_h, z_omega, bs, candidate
     adv: list = field(default_factory=list)             # per-token base advantage after Eq. 6
+    trained: bool = False                               # in the loss (APPO: initial rollouts, unless train_branches)
 
     @property
     def tool_calls(self):

@@ -46,7 +46,7 @@ from agent import entropy_from_logits  # noqa: F401  (Eq. 3, computed where toke
 from agent import (Rollout, Sampling, content_token_mask, example_prompt, generate_rollouts,
                    response_logprobs, run_agent, score_rollouts, stack_rows)
 from runtime import (Clock, autocast, gather, init_distributed, launch_store, launched, leave_distributed,
-                     load_data, log_step, make_reporter, on_device, optimizer_step, parse_settings,
+                     load_data, log_heldout, log_step, make_reporter, on_device, optimizer_step, parse_settings,
                      pick_device, progress, rank0_first, rank_world, save_hf, seed_everything, start_run,
                      step_batch, stop, write_summary, _looks_like_hub_id)
 
@@ -190,8 +190,24 @@ class Config:
     """b of Eq. 7 (0 = 'w/o future-aware advantage'). Paper: 0.5 (code: 1.0). appo only."""
     dual_group: bool = True
     """Eq. 6 dual groups (False = one group of all M; the prefix rule stays). appo only."""
+    train_branches: bool = False
+    """appo: also train each branch's own tokens, from its fork on, with its Eq. 6 branch-group
+    advantage A_b (the tokens before the fork are trained once, through the rollout they were copied
+    from). False (paper and reference code): only the N initial rollouts enter the loss, and the
+    branches supply credit through Eq. 6's prefix averaging. ARPO, TreeRL and TreePO train every leaf."""
+    advantage_scale: float = 1.0
+    """Every advantage times this before Eqs. 7-8: a control, not part of the method. With Afut near 1,
+    Eq. 7 at b = 0.5 mostly multiplies every advantage by 1.5; b = 0 with 1.5 here separates that
+    uniform factor (to which AdamW is nearly blind) from Eq. 7's reweighting (README Decisions)."""
     kl_coef: float = 0.0
     """beta for KL(pi_theta || pi_ref). Paper: 0 (code: 0.001)."""
+    eval_every: int = 10
+    """RL steps between held-out evaluations during training: greedy accuracy on a fixed subset of the
+    validation split (eval_size questions), before step 1, every eval_every steps and after the last;
+    logged as heldout/* in metrics.jsonl beside cum/tokens_generated and cum/seconds. 0 = none."""
+    eval_size: int = 200
+    """Validation questions in that subset (the first ones of val_data; 0 = all). The toy: 200 of its
+    300, a standard error of ~3.5 points per point of the curve."""
     save_every: int = 10
     """RL steps between checkpoints (a checkpoint is also written at the end)."""
     tree_every: int = 10
@@ -271,6 +287,8 @@ def parse_config(argv):
          "--max_response_tokens, --gen_batch_size and --micro_batch_size must be >= 1"),
         (cfg.lr > 0 and cfg.sft_lr > 0, "--lr and --sft_lr must be > 0"),
         (cfg.ppo_epochs >= 1 and cfg.save_every >= 1, "--ppo_epochs and --save_every must be >= 1"),
+        (cfg.eval_every >= 0 and cfg.eval_size >= 0, "--eval_every and --eval_size must be >= 0"),
+        (cfg.advantage_scale > 0, "--advantage_scale must be > 0"),
         (cfg.half_life > 0 and cfg.dual_clip > 1, "--half_life must be > 0 and --dual_clip > 1"),
         (0 <= cfg.clip_low < 1 and cfg.clip_high >= 0, "need 0 <= --clip_low < 1 and --clip_high >= 0"),
         (cfg.dist_timeout > 0, "--dist_timeout must be > 0 (minutes)"),
@@ -310,17 +328,20 @@ class Recipe:
     prefix_credit: bool         # Eq. 6 prefix averaging; only initial rollouts trained (else all, one A each)
     future_weight: float        # b of Eq. 7 (0 = off)
     refill: bool                # top up a prompt short of M with fresh rollouts (ARPO at equal budget)
+    train_branches: bool = False    # with prefix credit: branches train their own tokens with A_b too
+    advantage_scale: float = 1.0    # every advantage times this (a control for Eq. 7's uniform part)
 
 
 def resolve(cfg):
     """--algo (and the ablation settings) -> Recipe. The one place that reads cfg.algo."""
     if cfg.algo == "grpo":
         return Recipe(cfg.group_size, False, "all", cfg.branch_score, cfg.keep_branch_token, False,
-                      False, 0.0, False)
+                      False, 0.0, False, advantage_scale=cfg.advantage_scale)
     if cfg.algo == "arpo":                  # re-samples at its tool boundary, ranks by entropy, plain groups
-        return Recipe(cfg.n_initial, True, "after_tool", "entropy", False, False, False, 0.0, True)
+        return Recipe(cfg.n_initial, True, "after_tool", "entropy", False, False, False, 0.0, True,
+                      advantage_scale=cfg.advantage_scale)
     return Recipe(cfg.n_initial, True, "all", cfg.branch_score, cfg.keep_branch_token, cfg.dual_group,
-                  True, cfg.future_weight, False)
+                  True, cfg.future_weight, False, cfg.train_branches, cfg.advantage_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,6 +548,14 @@ def answer(model, tokenizer, examples, cfg, toolbox, desc, samples):
         bar.update(len(part))
     bar.close()
     return rollouts
+
+
+def heldout_metrics(run, examples):
+    """The learning curve's point (--eval_every): greedy accuracy on the fixed validation subset ->
+    {"heldout/acc": .., "heldout/<type>": ..} (one key per question type or kind)."""
+    m = evaluate(run.model, run.tokenizer, examples, run.cfg, run.toolbox, "held-out curve (val)")
+    return {f"heldout/{k[4:] if k.startswith('acc/') else k}": v for k, v in m.items()
+            if k == "acc" or k.startswith("acc/")}
 
 
 def evaluate_sft(run, val, test):
@@ -770,7 +799,8 @@ def appo_policy_loss(logp, old_logp, advantages, mask, *, half_life=32.0, future
     aggregated per rollout then over rollouts (Eq. 8). Gradient flows only through logp.
     metrics (floats, means over all m_t = 1 tokens): loss, clipfrac, dual_clipfrac (see
     clipped_token_loss), approx_kl = mean of (r - 1) - log r (k3, >= 0), ratio/mean,
-    adv_hat/mean, afut/mean, and kl when the KL term is on.
+    adv_hat/mean, afut/mean, the shares of tokens with Afut > 1.01 and at its cap 1.2 (how much Eq. 7
+    can reweight), and kl when the KL term is on.
     Example: Abase = [[1, 1]], Delta = [[0.1, 0.05]], half_life = 1, defaults otherwise:
              Ahat = [1.5666, 1.5256], r = [1.1052, 1.0513]
              -> loss = -(1.7314 + 1.6039) / 2 = -1.6676.
@@ -793,7 +823,8 @@ def appo_policy_loss(logp, old_logp, advantages, mask, *, half_life=32.0, future
         "loss": loss.item(), "clipfrac": masked_mean(clipped, mask),
         "dual_clipfrac": masked_mean(dual_clipped, mask),
         "approx_kl": masked_mean(ratio - 1.0 - delta, mask), "ratio/mean": masked_mean(ratio, mask),
-        "adv_hat/mean": masked_mean(adv_hat, mask), "afut/mean": masked_mean(afut, mask)})
+        "adv_hat/mean": masked_mean(adv_hat, mask), "afut/mean": masked_mean(afut, mask),
+        "afut/above_1.01": masked_mean(afut > 1.01, mask), "afut/at_cap": masked_mean(afut >= 1.2 - 1e-6, mask)})
     return loss, metrics
 
 
@@ -1039,18 +1070,22 @@ def sampling_of(cfg, greedy=False):
 def rollout_advantages(rollouts, recipe):
     """Base advantage per token for the rollouts that are trained -> (trained rollouts, rows).
     With prefix credit (APPO): Eq. 6 groups (dual or one), prefix-averaged on the initial rollouts,
-    which alone are trained. Without (GRPO, ARPO): one group per prompt, every rollout trained, one
-    value per rollout."""
+    which alone are trained; with recipe.train_branches the branches are trained too, each with its
+    own A_b (the loss reads only their tokens from the fork on: loss_mask). Without (GRPO, ARPO): one
+    group per prompt, every rollout trained, one value per rollout. Every value times
+    recipe.advantage_scale (1 unless the control asks)."""
     R = torch.tensor([r.reward for r in rollouts])
     prompt = torch.tensor([r.example for r in rollouts])
     is_branch = torch.tensor([r.parent >= 0 for r in rollouts])
+    scale = recipe.advantage_scale
     if not recipe.prefix_credit:
-        adv = dual_group_advantages(R, prompt, torch.zeros_like(is_branch))
+        adv = dual_group_advantages(R, prompt, torch.zeros_like(is_branch)) * scale
         rows = [torch.full((len(r.tokens),), float(a)) for r, a in zip(rollouts, adv)]
         for r, a in zip(rollouts, rows):
-            r.adv = a.tolist()
+            r.adv, r.trained = a.tolist(), True
         return rollouts, rows
     adv = dual_group_advantages(R, prompt, is_branch if recipe.dual_group else torch.zeros_like(is_branch))
+    adv = adv * scale
     root = torch.tensor([r.root for r in rollouts])
     fork = torch.tensor([r.root_fork for r in rollouts])
     T = max(max(len(r.tokens) for r in rollouts), 1)
@@ -1062,7 +1097,23 @@ def rollout_advantages(rollouts, recipe):
     for r, a in zip(rollouts, adv.tolist()):
         if r.parent >= 0:
             r.adv = [a] * len(r.tokens)                                       # branches: their own A_b
+            if recipe.train_branches:
+                train.append(r)
+                rows.append(torch.full((len(r.tokens),), a))
+    for r in train:
+        r.trained = True
     return train, rows
+
+
+def loss_mask(rollouts, mask, recipe):
+    """Which tokens of a micro-batch enter the loss: m_t, and for a branch trained with prefix
+    credit (recipe.train_branches) only its own tokens y_fork.. (those before the fork are the
+    parent's, trained once, through the parent). Initial rollouts have fork 0: m_t unchanged."""
+    if not recipe.prefix_credit:
+        return mask
+    start = torch.tensor([r.fork for r in rollouts], device=mask.device)     # (b,)
+    own = torch.arange(mask.shape[1], device=mask.device)[None, :] >= start[:, None]   # (b, T)
+    return mask & own if mask.dtype == torch.bool else mask * own
 
 
 def update_plan(trained, cfg):
@@ -1106,6 +1157,7 @@ def policy_loss_backward(model, rows, old, advs, ref_logps, cfg, recipe, pad_id,
     nothing is backpropagated if the loss is not finite."""
     with autocast(next(model.parameters()).device, cfg.dtype):
         logp, _, mask = response_logprobs(model, rows, cfg.temperature, pad_id, cfg.logit_chunk, top_p=cfg.top_p)
+    mask = loss_mask(rows, mask, recipe)
     as_rows = lambda xs: stack_rows(xs, logp.shape[1]).to(logp.device)      # (b, T)
     loss, metrics = appo_policy_loss(
         logp, logp.detach() if old is None else as_rows(old), as_rows(advs), mask, half_life=cfg.half_life,
@@ -1182,6 +1234,9 @@ def main(argv=None):
     content_mask, reporter = content_token_mask(tokenizer), make_reporter(cfg) if rank == 0 else None
     clock.lap("model")
     run.before = run.before or evaluate_sft(run, val, test)    # every rank answers its share
+    heldout = val[:cfg.eval_size or None] if cfg.eval_every and val else []     # the curve's fixed questions
+    if heldout and run.start == 0:
+        log_heldout(run, 0, heldout_metrics(run, heldout))     # step 0: the SFT checkpoint
     clock.lap("evaluation before RL")
     for step in range(run.start + 1, cfg.steps + 1):
         batch = step_batch(train_split, cfg, step)[rank::world]     # whole prompts: Eq. 6 groups whole
@@ -1211,9 +1266,12 @@ def main(argv=None):
         update = ppo_update(model, run.optimizer, trained, advs, ref_logps, local, recipe,
                             tokenizer.pad_token_id)
         model.eval()
-        ##### log / checkpoint #####
-        log_step(run, step, batch, rollouts, tree, update,
-                 {"rollout": t1 - t0, "reward": t2 - t1, "update": time.time() - t2}, reporter)
+        seconds = {"rollout": t1 - t0, "reward": t2 - t1, "update": time.time() - t2}
+        ##### held-out curve, log / checkpoint #####
+        curve, t3 = {}, time.time()
+        if heldout and (step % cfg.eval_every == 0 or step == cfg.steps):
+            curve, seconds["heldout"] = heldout_metrics(run, heldout), time.time() - t3
+        log_step(run, step, batch, rollouts, tree, update, seconds, reporter, curve)
     clock.lap("RL")
     ##### final evaluation #####
     after = evaluate(model, tokenizer, test, cfg, run.toolbox, "test, after RL") if test else {}

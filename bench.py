@@ -645,60 +645,220 @@ def gpu_check(*args):
 
 
 # Every algorithm and ablation of the comparison, as appo.py settings; all at the same budget M.
-VARIANTS = {                                  # run folder: (label in the table, settings)
+VARIANTS = {                                  # run folder: (label in the tables, settings)
     "appo": ("APPO", []), "grpo": ("GRPO", ["--algo=grpo"]), "arpo": ("ARPO", ["--algo=arpo"]),
-    "bs_entropy": ("APPO, entropy-only branching score", ["--branch_score=entropy"]),
+    "all_leaves": ("APPO, keep y_t, all leaves trained", ["--train_branches=True"]),
+    "resample_yt": ("APPO, re-sample y_t, initial only", ["--keep_branch_token=False"]),
+    "resample_all": ("APPO, re-sample y_t, all leaves trained", ["--keep_branch_token=False", "--train_branches=True"]),
     "no_future": ("APPO, b = 0 (no Eq. 7)", ["--future_weight=0"]),
+    "scale_control": ("APPO, b = 0, advantages x 1.5", ["--future_weight=0", "--advantage_scale=1.5"]),
     "one_group": ("APPO, one group (no Eq. 6 dual groups)", ["--dual_group=False"]),
-    "resample_yt": ("APPO, branches re-sample y_t (old rule)", ["--keep_branch_token=False"])}
+    "bs_entropy": ("APPO, entropy-only branching", ["--branch_score=entropy"]),
+    "bs_random": ("APPO, random branching", ["--branch_score=random"])}
 
 
-def compare(seeds="0,1,2", out="out/compare", *extra):
-    """The algorithm comparison on the toy: for each seed, one world and SFT checkpoint shared by
-    every variant (--toy_dir), then each variant's RL run from it. Runs one after another (each
-    uses the whole machine), skips runs whose summary.json exists (so it resumes), and writes
-    out/results.md: held-out accuracy after RL (mean +- std over seeds), gain over SFT, tokens
-    generated and seconds per RL step. `extra` settings are passed to every run."""
-    rows = {}
-    for seed in seeds.split(","):
-        toy_dir = os.path.join(out, f"seed{seed}", "toy")
-        for name, (label, args) in VARIANTS.items():
-            run = os.path.join(out, f"seed{seed}", name)
-            if not os.path.exists(os.path.join(run, "summary.json")):
-                cmd = [sys.executable, "appo.py", f"--seed={seed}", f"--out_dir={run}",
-                       f"--toy_dir={toy_dir}", *args, *extra]
-                print(" ".join(cmd), flush=True)
-                with open(os.path.join(out, "log.txt"), "a") as log:
-                    os.makedirs(run, exist_ok=True)
-                    subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
-            with open(os.path.join(run, "summary.json")) as f, open(os.path.join(run, "timing.json")) as g:
-                rows.setdefault(label, []).append((json.load(f), json.load(g)))
-    table = comparison_table(rows)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table)
-    print(table)
+def compare(out="out/compare", sft_seeds="0", rl_seeds="0,1,2", variants="appo,grpo,arpo", jobs="1", *extra):
+    """The comparison on the toy: per SFT seed one world and SFT checkpoint (out/sft<S>/toy), shared by
+    every run from it; then every variant x RL seed from it (out/sft<S>/<variant>/rl<R>: only the RL
+    seed changes, so runs of one variant measure the noise floor and runs of two variants with the same
+    (S, R) are paired: same checkpoint, same prompts at every step). Runs go seed by seed, the variants
+    of a seed side by side, so a machine whose speed drifts over hours slows a pair alike (the seconds
+    axis). `jobs` runs at once, each with
+    OMP_NUM_THREADS=1 when jobs > 1. Skips runs whose summary.json exists (it resumes). `extra` settings
+    go to every command, the SFT builds included (--toy_filler=True for the pilot). Then `evidence`."""
+    cmds = []
+    for s in sft_seeds.split(","):
+        toy = os.path.join(out, f"sft{s}", "toy")
+        if not os.path.exists(os.path.join(toy, "sft", "config.json")):
+            cmd = [sys.executable, "appo.py", f"--seed={s}", "--steps=0", "--pass_k=0", f"--toy_dir={toy}",
+                   f"--out_dir={os.path.join(out, f'sft{s}', 'build')}", *extra]
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        for r in rl_seeds.split(","):                          # seed-major: the variants of a pair run
+            for name in variants.split(","):                   # side by side, on the same machine state
+                run = os.path.join(out, f"sft{s}", name, f"rl{r}")
+                if not os.path.exists(os.path.join(run, "summary.json")):
+                    cmds.append((run, [sys.executable, "appo.py", f"--seed={r}", f"--out_dir={run}",
+                                       f"--toy_dir={toy}", *VARIANTS[name][1], *extra]))
+    env = dict(os.environ, **({"OMP_NUM_THREADS": "1"} if int(jobs) > 1 else {}))
+    running, t0 = [], time.time()
+    while cmds or running:
+        while cmds and len(running) < int(jobs):
+            run, cmd = cmds.pop(0)
+            os.makedirs(run, exist_ok=True)
+            print(" ".join(cmd), flush=True)
+            log = open(os.path.join(run, "log.txt"), "w")
+            running.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(2)
+        for item in [x for x in running if x[1].poll() is not None]:
+            running.remove(item)
+            item[2].close()
+            print(f"{'done' if item[1].returncode == 0 else 'FAILED'} {item[0]} ({len(cmds)} to go, "
+                  f"{time.time() - t0:.0f} s)", flush=True)
+    evidence(out)
 
 
-def comparison_table(rows):
-    """Markdown: one row per variant, mean +- std over seeds."""
-    def ms(xs, scale=1.0, digits=1):
-        xs = [x * scale for x in xs]
-        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-        return f"{statistics.mean(xs):.{digits}f} +- {sd:.{digits}f}"
-    kinds = sorted(k for k in next(iter(rows.values()))[0][0]["after_rl"] if k.startswith("acc/"))
-    head = ["variant", "seeds", "test acc after RL (%)", "gain over SFT (points)",
-            *[f"{k[4:]} after (%)" for k in kinds], "tokens generated / step", "s / RL step"]
+def finished_runs(out):
+    """{variant: [(sft seed, rl seed, summary, timing, metrics rows)]} of compare's finished runs."""
+    runs = {}
+    for s in sorted(d for d in os.listdir(out) if d.startswith("sft")):
+        for name in VARIANTS:
+            base = os.path.join(out, s, name)
+            for r in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+                run = os.path.join(base, r)
+                if os.path.exists(os.path.join(run, "summary.json")):
+                    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+                    runs.setdefault(name, []).append((s[3:], r[2:], json.load(open(os.path.join(run, "summary.json"))),
+                                                      json.load(open(os.path.join(run, "timing.json"))), rows))
+    return runs
+
+
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 11: 2.20,
+       12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 19: 2.09, 29: 2.05}      # Student t, two-sided 95 %, by df
+
+
+def t95(df):
+    return T95.get(df) or T95[max(k for k in T95 if k <= df)] if df >= 1 else float("nan")
+
+
+def mean_ci(xs):
+    """(mean, half-width of the 95 % t-interval) of a list; half-width nan for fewer than 2."""
+    m = statistics.mean(xs)
+    return m, t95(len(xs) - 1) * statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan")
+
+
+def within_sd(runs):
+    """Pooled standard deviation of test accuracy (points) over RL seeds within each SFT checkpoint:
+    the noise floor of one variant. -> (sd, degrees of freedom)."""
+    by_sft = {}
+    for s, _, summ, _, _ in runs:
+        by_sft.setdefault(s, []).append(100 * summ["after_rl"]["acc"])
+    ss = sum(sum((x - statistics.mean(xs)) ** 2 for x in xs) for xs in by_sft.values())
+    df = sum(len(xs) - 1 for xs in by_sft.values())
+    return ((ss / df) ** 0.5 if df else float("nan")), df
+
+
+def curve_at(rows, x_key, x):
+    """Held-out accuracy (%) of one run at budget x (linear between its curve's points; None past its end)."""
+    pts = [(m[x_key], 100 * m["heldout/acc"]) for m in rows if "heldout/acc" in m]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return None
+
+
+def evidence(out="out/compare", baseline="appo", figure="", drawn="appo,grpo,arpo"):
+    """The tables and the budget figure of compare's runs -> out/results.md and out/budget.png (or
+    `figure`): per variant mean +- sd of test accuracy after RL, its noise floor (sd over RL seeds from
+    one SFT checkpoint), the share of prompts with no learning signal, cost per step, held-out (val)
+    accuracy at equal tokens and seconds; per variant the paired difference from `baseline` with its
+    95 % interval; and the budget figure of the `drawn` variants: held-out accuracy against cumulative
+    tokens and seconds."""
+    runs = finished_runs(out)
+    if not runs:
+        sys.exit(f"evidence: no finished runs under {out}")
+    budget = {k: min(rs[-1][f"cum/{k}"] for v in runs.values() for *_, rows in v for rs in [rows]
+                     if "heldout/acc" in rows[-1]) for k in ("tokens_generated", "seconds")}
+    kinds = sorted(k for k in next(iter(runs.values()))[0][2]["after_rl"] if k.startswith("acc/"))
+    head = ["variant", "runs", "test acc after RL (%)", "noise floor: sd over RL seeds (pts)",
+            *[f"{k[4:]} (%)" for k in kinds],
+            f"val acc at {budget['tokens_generated']:,.0f} tokens (%)", f"val acc at {budget['seconds']:.0f} s (%)",
+            "prompts with equal rewards", "tokens / step", "s / step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, runs in rows.items():
-        s = [r[0] for r in runs]
-        cells = [name, str(len(runs)), ms([x["after_rl"]["acc"] for x in s], 100),
-                 ms([x["gain"]["acc"] for x in s], 100),
-                 *[ms([x["after_rl"][k] for x in s], 100) for k in kinds],
-                 ms([x["rl"]["tokens_generated_per_step"] for x in s], digits=0),
-                 ms([t["time/rollout_s"] + t["time/reward_s"] + t["time/update_s"] for _, t in runs],
-                    1 / s[0]["steps"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    ms = lambda xs, d=1: f"{statistics.mean(xs):.{d}f} +- {statistics.stdev(xs):.{d}f}" if len(xs) > 1 \
+        else f"{xs[0]:.{d}f}"
+    for name, rs in runs.items():
+        acc = [100 * r[2]["after_rl"]["acc"] for r in rs]
+        sd, df = within_sd(rs)
+        at = {k: [y for *_, rows in rs if (y := curve_at(rows, f"cum/{k}", budget[k])) is not None]
+              for k in budget}
+        steps = [m for *_, rows in rs for m in rows if "tree/rollouts" in m]
+        per_step = lambda key: statistics.mean(m[key] for m in steps)
+        lines.append("| " + " | ".join([
+            VARIANTS[name][0], str(len(rs)), ms(acc), f"{sd:.1f} (df {df})" if df else "-",
+            *[ms([100 * r[2]["after_rl"][k] for r in rs]) for k in kinds],
+            ms(at["tokens_generated"]) if at["tokens_generated"] else "-", ms(at["seconds"]) if at["seconds"] else "-",
+            f"{per_step('credit/equal_rewards'):.2f}", f"{per_step('cost/tokens_generated'):,.0f}",
+            f"{statistics.mean(m['time/rollout_s'] + m['time/reward_s'] + m['time/update_s'] for m in steps):.2f}"]) + " |")
+    fractions = (0.1, 0.25, 0.5, 1.0)
+    cols = [(k, f * budget[k]) for k in ("tokens_generated", "seconds") for f in fractions]
+    lines += ["", "Held-out (val) accuracy at equal budgets, mean +- sd over runs (%); a budget is a share of the "
+              "smallest run's total:", "", "| variant | " + " | ".join(
+                  f"{x / 1e3:,.0f}k tokens" if k == "tokens_generated" else f"{x:.0f} s" for k, x in cols) + " |",
+              "|---|" + "---|" * len(cols)]
+    for name, rs in runs.items():
+        cells = [[y for *_, rows in rs if (y := curve_at(rows, f"cum/{k}", x)) is not None] for k, x in cols]
+        lines.append(f"| {VARIANTS[name][0]} | " + " | ".join(ms(c) if c else "-" for c in cells) + " |")
+    lines += ["", f"Paired differences from {VARIANTS[baseline][0]} (same SFT checkpoint and RL seed), test accuracy "
+              "after RL, points; the last column is how many pairs a 95 % interval of +-3 points would need at "
+              "this spread:", "", "| variant | pairs | mean difference | sd of differences | 95 % interval | resolved "
+              "| pairs for +-3 |", "|---|---|---|---|---|---|---|"]
+    base = {(s, r): 100 * summ["after_rl"]["acc"] for s, r, summ, *_ in runs.get(baseline, [])}
+    for name, rs in runs.items():
+        d = [100 * summ["after_rl"]["acc"] - base[(s, r)] for s, r, summ, *_ in rs if (s, r) in base]
+        if name == baseline or len(d) < 2:
+            continue
+        m, h = mean_ci(d)
+        sd = statistics.stdev(d)
+        need = next(n for n in range(2, 10_000) if t95(n - 1) * sd / n ** 0.5 <= 3.0)
+        lines.append(f"| {VARIANTS[name][0]} | {len(d)} | {m:+.1f} | {sd:.1f} | [{m - h:+.1f}, {m + h:+.1f}] | "
+                     f"{'yes' if abs(m) > h else 'no'} | {need} |")
+    forks = ["", "Where forks land and what Eq. 7 does, mean over the runs' steps (fork roles: toy.fork_role; "
+             "candidates: the positions a fork may take):", "",
+             "| variant | forks on filler | candidates that are filler | forks on decisions | candidates that are "
+             "decisions | H at forks / candidates | Omega at forks: filler / decision | Afut mean | tokens with "
+             "Afut > 1.01 | Afut at cap 1.2 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in runs.items():
+        steps = [m for *_, rows in rs for m in rows if "tree/rollouts" in m]
+        avg = lambda key: statistics.mean(vals) if (vals := [m[key] for m in steps if key in m]) else float("nan")
+        omega = lambda key: f"{avg(key):.4f}" if avg(key) == avg(key) else "-"       # nan: no such forks
+        if not steps or "branch/fork_role/filler" not in steps[-1] or not avg("branch/n_forks"):
+            continue
+        forks.append(f"| {VARIANTS[name][0]} | {avg('branch/fork_role/filler'):.3f} | "
+                     f"{avg('branch/candidate_role/filler'):.3f} | {avg('branch/fork_role/decision'):.3f} | "
+                     f"{avg('branch/candidate_role/decision'):.3f} | {avg('branch/H_fork'):.2f} / "
+                     f"{avg('branch/H_candidates'):.2f} | " + (f"{omega('branch/omega_fork_filler')} / "
+                     f"{omega('branch/omega_fork_decision')}" if avg("branch/omega_candidates") != 1.0
+                                                               else "not computed") +
+                     f" | {avg('loss/afut/mean'):.4f} | "
+                     f"{avg('loss/afut/above_1.01'):.3f} | {avg('loss/afut/at_cap'):.4f} |")
+    text = "\n".join(lines + (forks if len(forks) > 5 else [])) + "\n"
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    print(text)
+    budget_figure(runs, figure or os.path.join(out, "budget.png"), drawn.split(","))
+
+
+def budget_figure(runs, path, names=("appo", "grpo", "arpo")):
+    """Held-out (val) accuracy against cumulative generated tokens and against cumulative seconds of RL
+    steps: per variant the mean over its runs (interpolated on a common grid) and a band of +- 1 sd."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, key, label in ((axes[0], "cum/tokens_generated", "tokens generated in RL (cumulative)"),
+                           (axes[1], "cum/seconds", "seconds of RL steps (cumulative, 1 thread, 2 runs at once)")):
+        for i, name in enumerate(n for n in names if n in runs):
+            rows = [r[4] for r in runs[name]]
+            end = min(max(m.get(key, 0) for m in rs) for rs in rows)
+            grid = [end * j / 50 for j in range(51)]
+            ys = [[curve_at(rs, key, x) for x in grid] for rs in rows]
+            mean = [statistics.mean(c) for c in zip(*ys)]
+            sd = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in zip(*ys)]
+            ax.plot(grid, mean, color=f"C{i}", lw=1.8, label=f"{VARIANTS[name][0]} ({len(rows)} runs)")
+            ax.fill_between(grid, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
+                            color=f"C{i}", alpha=0.18, lw=0)
+        ax.set_xlabel(label, fontsize=9)
+        if key == "cum/tokens_generated":
+            ax.xaxis.set_major_formatter(lambda v, _: f"{v / 1e3:.0f}k")
+        ax.set_ylabel("held-out accuracy (val, greedy, %)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("Accuracy for budget on the toy: mean and +- 1 sd over runs", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def saved_agent(model_dir, cfg):
@@ -789,7 +949,7 @@ def ledger(out="out/compare", variants="appo,grpo,arpo"):
 
 
 if __name__ == "__main__":
-    benchmarks = {"memory": memory, "stops": stops, "compare": compare, "loop": loop, "speed_model": speed_model,
+    benchmarks = {"memory": memory, "stops": stops, "compare": compare, "evidence": evidence, "loop": loop, "speed_model": speed_model,
                   "speed_data": speed_data, "trl": trl, "gpu_plan": gpu_plan, "ledger": ledger,
                   "sft_check": sft_check, "val": val, "gpu_check": gpu_check}
     if len(sys.argv) < 2 or sys.argv[1] not in benchmarks:

@@ -472,7 +472,8 @@ def _step_of(name):
 
 
 def write_index(run_dir):
-    """run_dir/index.html: curves.png (if there) and every tree_step*.html, in step order."""
+    """run_dir/index.html: curves.png first (if there; its first row is the held-out curve), then every
+    tree_step*.html, in step order."""
     pages = sorted((f for f in os.listdir(run_dir) if f.startswith("tree_step") and f.endswith(".html")),
                    key=lambda f: (_step_of(f), f))
     label = lambda f: f"step {_step_of(f)}" if f == f"tree_step{_step_of(f)}.html" else f[:-5]
@@ -482,9 +483,18 @@ def write_index(run_dir):
     title = esc(os.path.basename(os.path.abspath(run_dir)))
     page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title><style>'
             'body{font:14px/1.5 system-ui,sans-serif;margin:14px 20px} ul{columns:12em}</style></head>'
-            f'<body><h1>{title}</h1><h2>Rollout trees ({len(pages)})</h2><ul>{links}</ul>{img}</body></html>')
+            f'<body><h1>{title}</h1>{img}<h2>Rollout trees ({len(pages)})</h2><ul>{links}</ul></body></html>')
     with open(os.path.join(run_dir, "index.html"), "w", encoding="utf-8") as f:
         f.write(page)
+
+
+def _ema(xs, alpha=0.1):
+    """Exponential moving average of a list (for curves too noisy to read raw)."""
+    out, v = [], None
+    for x in xs:
+        v = x if v is None else (1 - alpha) * v + alpha * x
+        out.append(v)
+    return out
 
 
 def _panel_of(key):
@@ -532,21 +542,50 @@ def _draw_panel(ax, name, series):
         ax.legend(handles=handles, fontsize=6 if len(handles) > 6 else 7, loc="best", framealpha=0.6)
 
 
+HEADLINE = (("step", "RL step"), ("cum/tokens_generated", "tokens generated (cumulative)"),
+            ("cum/seconds", "seconds of RL steps (cumulative)"))
+
+
 def plot_curves(metrics, path):
-    """One PNG, a grid of small panels (one per namespace), x = RL step. Non-numeric values are
-    skipped and a key missing from some rows just has gaps, so any metrics.jsonl plots."""
+    """One PNG, a grid of small panels, x = RL step. With a held-out curve (--eval_every) its first
+    row answers "does it learn": held-out accuracy against step (with the training rollouts' score,
+    smoothed), cumulative tokens and cumulative seconds, then held-out accuracy per question type.
+    Below, one panel per metric namespace. Non-numeric values are skipped and a key missing from some
+    rows just has gaps, so any metrics.jsonl plots."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = _series(metrics)
-    names = sorted(panels) or ["(no numeric metrics)"]
-    cols = min(4, len(names))
-    rows = math.ceil(len(names) / cols)
+    curve = [m for m in metrics if isinstance(m.get("heldout/acc"), (int, float))]
+    head = 4 if curve else 0
+    shown = {"heldout", "cum"} if curve else set()
+    names = sorted(n for n in panels if n not in shown) or ["(no numeric metrics)"]
+    cols = 4 if curve else min(4, len(names))
+    rows = math.ceil((head + len(names)) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
+    if curve:
+        score = [(m["step"], m.get("cum/tokens_generated"), m.get("cum/seconds"), m["reward/score"])
+                 for m in metrics if isinstance(m.get("reward/score"), (int, float))]
+        smooth = _ema([s[3] for s in score])
+        for i, (ax, (x, label)) in enumerate(zip(axes.flat, HEADLINE)):
+            ax.plot([m.get(x, 0) for m in curve], [100 * m["heldout/acc"] for m in curve], "o-", ms=3,
+                    lw=1.6, color="C0", label="held-out (val, greedy)")
+            ax.plot([s[i] for s in score], [100 * v for v in smooth], lw=1, color="C1", alpha=0.8,
+                    label="training rollouts' score (EMA)")
+            ax.set_xlabel(label, fontsize=8)
+            if x == "cum/tokens_generated":
+                ax.xaxis.set_major_formatter(lambda v, _: f"{v / 1e3:.0f}k")
+            ax.set_ylabel("accuracy (%)", fontsize=8)
+            ax.set_title("held-out accuracy" + (f": {100 * curve[0]['heldout/acc']:.1f} -> "
+                                                f"{100 * curve[-1]['heldout/acc']:.1f} %" if i == 0 else ""), fontsize=10)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best", framealpha=0.6)
+        _draw_panel(axes.flat[3], "heldout (by question type)", panels.get("heldout", {}))
+    for ax, name in zip(list(axes.flat)[head:], names):
         _draw_panel(ax, name, panels.get(name, {}))
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[head + len(names):]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

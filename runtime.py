@@ -187,7 +187,10 @@ def load_data(cfg):
     if cfg.model and cfg.sft_data:                              # the paper's cold start, then RL
         model_path = cold_start(cfg, cfg.model, traces, os.path.join(cfg.out_dir, "sft"))
     if not cfg.model:                                           # embedded default: the toy world
-        model_path, splits = build_toy(cfg)
+        try:
+            model_path, splits = build_toy(cfg)
+        except ValueError as e:                                 # a cached world built with other settings
+            stop("appo.py", str(e))
         train, val, test = train or splits["rl"], val or splits["val"], test or splits["test"]
     test = (test or [])[:cfg.eval_limit] if cfg.eval_limit else (test or [])
     return model_path, train, val or [], test
@@ -690,6 +693,8 @@ class Run:
     before: dict = None                 # the SFT checkpoint's evaluation, measured once
     rank: int = 0                       # this process under torchrun (0 alone logs, evaluates, saves)
     plotted: float = 0.0                # when curves.png was last drawn (time.time())
+    tokens_so_far: int = 0              # RL tokens generated up to the last step (cum/tokens_generated)
+    seconds_so_far: float = 0.0         # RL step seconds up to it: rollout + reward + update (cum/seconds)
 
     @property
     def metrics_path(self):
@@ -724,6 +729,8 @@ def start_run(cfg, recipe, model_path, rank=0, world=1):
             kept = [m for m in read_jsonl(run.metrics_path) if m["step"] <= run.start] \
                 if os.path.exists(run.metrics_path) else []
             write_jsonl(run.metrics_path, kept)                # drop steps logged after the checkpoint
+            last = kept[-1] if kept else {}
+            run.tokens_so_far, run.seconds_so_far = last.get("cum/tokens_generated", 0), last.get("cum/seconds", 0.0)
             print(f"resumed from {ckpt} at step {run.start}")
     elif rank == 0 and os.path.exists(run.metrics_path):
         os.remove(run.metrics_path)
@@ -788,7 +795,9 @@ def save_checkpoint(run, step):
 
 def step_metrics(step, batch, rollouts, tree, update, seconds):
     """One line of metrics.jsonl: reward and its parts, accuracy / tool calls / bad formats by
-    question type, the tree, what the step cost, the update. Names are namespaced."""
+    question type, the share of prompts whose M rewards are all equal (credit/equal_rewards: every
+    advantage 0, nothing learned from them), the tree, what the step cost, the update. Names are
+    namespaced."""
     mean = lambda xs: sum(xs) / max(len(xs), 1)
     by_type = {}
     for r in rollouts:
@@ -802,6 +811,10 @@ def step_metrics(step, batch, rollouts, tree, update, seconds):
     metrics.update({f"tools/calls_{t}": mean([r.tool_calls for r in rs]) for t, rs in sorted(by_type.items())})
     for cause in ("truncated", "no_answer", "unbalanced_tags"):
         metrics[f"format/{cause}"] = mean([r.format_error == cause for r in rollouts])
+    rewards = {}
+    for r in rollouts:
+        rewards.setdefault(r.example, []).append(r.reward)
+    metrics["credit/equal_rewards"] = mean([max(rs) - min(rs) < 1e-6 for rs in rewards.values()])
     metrics.update({"tree/rollouts": len(rollouts), "tree/branches": sum(r.parent >= 0 for r in rollouts),
               **tree,
               "cost/tokens_generated": sum(sum(r.mask[r.fork:]) for r in rollouts),
@@ -822,7 +835,7 @@ def rollout_record(r, index, texts):
             "candidate": sig.get("candidate"),
             "adv": r.adv or None, "branch_points": r.branch_points, "reward": r.reward, "score": r.score,
             "format_ok": r.format_ok, "tool_calls": r.tool_calls, "truncated": r.truncated,
-            "trained": bool(r.adv)}
+            "trained": r.trained}
 
 
 def step_record(step, cfg, batch, rollouts, texts, n_prompts):
@@ -878,13 +891,32 @@ def combine_ranks(metrics):
 PLOT_EVERY_S = 60.0     # curves.png takes ~1.4 s to draw: at most once a minute, and at the last step
 
 
-def log_step(run, step, batch, rollouts, tree, update, seconds, reporter):
+def spend(run, tokens, seconds):
+    """The run's budget so far, after a step that generated `tokens` in `seconds` -> the cum/* keys
+    (training only: held-out evaluation, logging and checkpoints are not counted)."""
+    run.tokens_so_far += tokens
+    run.seconds_so_far += seconds
+    return {"cum/tokens_generated": run.tokens_so_far, "cum/seconds": round(run.seconds_so_far, 3)}
+
+
+def log_heldout(run, step, curve):
+    """A metrics.jsonl row of the held-out curve alone: step 0, the checkpoint RL starts from."""
+    if run.rank == 0:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **curve, **spend(run, 0, 0.0)}) + "\n")
+        print(f"step {step}: held-out accuracy (val, greedy) {curve['heldout/acc']:.3f}", flush=True)
+
+
+def log_step(run, step, batch, rollouts, tree, update, seconds, reporter, curve=None):
     """metrics.jsonl (and the optional mirror), the tree page every tree_every steps, and at each
-    checkpoint the run's index page and the curves (redrawn if a minute has passed, and at the end)."""
+    checkpoint the run's index page and the curves (redrawn if a minute has passed, and at the end).
+    `curve`: the held-out metrics measured after this step, if any."""
     cfg, texts = run.cfg, token_texts(run.tokenizer)
     m = step_metrics(step, batch, rollouts, tree, update, seconds)
     m.update(report.fork_statistics([rollout_record(r, {id(r): 0}, texts) for r in rollouts]))
     m = combine_ranks(gather(m))
+    m.update(curve or {})
+    m.update(spend(run, m["cost/tokens_generated"], sum(m[f"time/{k}_s"] for k in ("rollout", "reward", "update"))))
     if run.rank == 0:
         with open(run.metrics_path, "a") as f:
             f.write(json.dumps(m) + "\n")
@@ -920,12 +952,12 @@ class Clock:
 
 def time_report(phases, rows):
     """One line: where a run's time went, its RL phase split into the steps' own parts (metrics rows)."""
-    rl = {k: sum(m.get(f"time/{k}_s", 0.0) for m in rows) for k in ("rollout", "reward", "update")}
+    rl = {k: sum(m.get(f"time/{k}_s", 0.0) for m in rows) for k in ("rollout", "reward", "update", "heldout")}
     parts = []
     for name, sec in phases.items():
         if name == "RL" and rows:
             other = sec - sum(rl.values())
-            inner = ", ".join(f"{k} {v:.0f}" for k, v in rl.items())
+            inner = ", ".join(f"{k} {v:.0f}" for k, v in rl.items() if v or k != "heldout")
             inner += f", logging and checkpoints {other:.0f}"
             parts.append(f"RL {len(rows)} steps {sec:.0f} ({inner})")
         else:
@@ -937,17 +969,21 @@ def write_summary(cfg, before, after, metrics_path, clock):
     """summary.json: what the run measured, identical for the same command and seed on one machine
     (timings go to timing.json, the one thing that differs between two runs: the wall time, each phase
     of `clock` and the RL steps' parts summed)."""
-    rows = read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
+    logged = read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
+    rows = [m for m in logged if "tree/rollouts" in m]           # RL steps (not the step-0 held-out row)
+    curve = [m for m in logged if "heldout/acc" in m]
     mean = lambda k: round(sum(m[k] for m in rows) / len(rows), 4) if rows else None
     summary = {"algo": cfg.algo, "seed": cfg.seed, "steps": cfg.steps, "before_rl": before, "after_rl": after,
                "gain": {k: round(after[k] - before["test"][k], 4) for k in after if k.startswith("acc")},
                "rl": {"tokens_generated_per_step": mean("cost/tokens_generated"),
                       "tool_calls_per_step": mean("cost/tool_calls"), "grad_norm": mean("update/grad_norm"),
-                      "skipped_nonfinite": sum(m["update/skipped_nonfinite"] for m in rows)}}
+                      "skipped_nonfinite": sum(m["update/skipped_nonfinite"] for m in rows)},
+               "heldout_curve": {"step": [m["step"] for m in curve], "acc": [round(m["heldout/acc"], 4) for m in curve],
+                                 "tokens": [m["cum/tokens_generated"] for m in curve]}}
+    keys = sorted({k for m in rows for k in m if k.startswith("time/")})
     timing = {"wall_s": round(time.time() - clock.start, 1),
               "phases_s": {k: round(v, 1) for k, v in clock.phases.items()},
-              **{k: round(sum(m[k] for m in rows), 1)
-                 for k in (rows[0] if rows else {}) if k.startswith("time/")}}
+              **{k: round(sum(m.get(k, 0.0) for m in rows), 1) for k in keys}}
     for name, obj in (("summary.json", summary), ("timing.json", timing)):
         with open(os.path.join(cfg.out_dir, name), "w") as f:
             json.dump(obj, f, indent=2)

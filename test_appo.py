@@ -1618,6 +1618,59 @@ def test_core_rollout_advantages_hand_values():
     assert all(torch.equal(a, torch.zeros(4)) for a in appo.rollout_advantages(equal, appo.resolve(tiny_cfg()))[1])
 
 
+def test_core_train_branches_trains_each_token_once_with_its_own_advantage():
+    """--train_branches: branches join the trained rollouts with their own A_b, and the loss reads a
+    branch only from its fork on (the tokens before are its parent's), so each token is trained once."""
+    mk = lambda **kw: appo.Rollout(prompt=[0], tokens=[1] * 4, mask=[1, 1, 0, 1], **kw)
+    rs = [mk(example=0, root=0, reward=1.0), mk(example=0, root=1, reward=0.0),
+          mk(example=0, root=0, parent=0, fork=2, root_fork=2, reward=1.0),
+          mk(example=0, root=0, parent=2, fork=3, root_fork=2, reward=-1.0)]      # a branch of the branch
+    plain = appo.rollout_advantages(rs, appo.resolve(tiny_cfg()))
+    assert [r.trained for r in rs] == [True, True, False, False]         # the tree page says which
+    train, adv = appo.rollout_advantages(rs, appo.resolve(tiny_cfg(train_branches=True)))
+    assert train == [rs[0], rs[1], rs[2], rs[3]] and all(r.trained for r in rs)
+    assert all(torch.equal(a, b) for a, b in zip(adv[:2], plain[1]))      # initial rows as without it
+    a_b = 1 / (1 + 1e-6)                                                  # branch group {1, -1}
+    assert torch.allclose(adv[2], torch.full((4,), a_b)) and torch.allclose(adv[3], torch.full((4,), -a_b))
+    recipe = appo.resolve(tiny_cfg(train_branches=True))
+    mask = torch.tensor([r.mask for r in train], dtype=torch.bool)
+    own = appo.loss_mask(train, mask, recipe)
+    assert own.tolist() == [[True, True, False, True], [True, True, False, True],
+                            [False, False, False, True], [False, False, False, True]]
+    assert torch.equal(appo.loss_mask(train, mask.float(), recipe), own.float())
+    assert torch.equal(appo.loss_mask(train, mask, appo.resolve(tiny_cfg(algo="arpo"))), mask)   # whole rollouts
+
+
+def test_core_advantage_scale_multiplies_every_advantage():
+    mk = lambda **kw: appo.Rollout(prompt=[0], tokens=[1] * 3, mask=[1] * 3, **kw)
+    rs = [mk(example=0, root=0, reward=1.0), mk(example=0, root=1, reward=0.0),
+          mk(example=0, root=0, parent=0, fork=1, root_fork=1, reward=0.0),
+          mk(example=0, root=1, parent=1, fork=2, root_fork=2, reward=1.0)]
+    for algo in ("appo", "grpo"):
+        base = appo.rollout_advantages(rs, appo.resolve(tiny_cfg(algo=algo)))[1]
+        scaled = appo.rollout_advantages(rs, appo.resolve(tiny_cfg(algo=algo, advantage_scale=1.5)))[1]
+        assert any(a.abs().sum() > 0 for a in base)
+        assert all(torch.allclose(b * 1.5, c) for b, c in zip(base, scaled))
+
+
+def test_core_afut_shares_in_the_loss_metrics():
+    """loss metrics say how much of a batch Eq. 7 reweights: Afut > 1.01 and Afut at its cap 1.2."""
+    logp = torch.tensor([[0.0, 0.0, 0.0]])
+    old = torch.tensor([[0.0, -0.05, -0.5]])                              # Delta = 0, 0.05, 0.5
+    _, metrics = appo.appo_policy_loss(logp, old, torch.ones(1, 3), torch.ones(1, 3), half_life=1e-3)
+    # half-life ~0: F_t = Delta_t, Afut = clip(exp(Delta), 1, 1.2) = 1, 1.051, 1.2
+    assert metrics["afut/above_1.01"] == pytest.approx(2 / 3) and metrics["afut/at_cap"] == pytest.approx(1 / 3)
+
+
+def test_core_equal_rewards_share_counts_prompts_without_a_signal():
+    mk = lambda e, r: appo.Rollout(example=e, prompt=[0], tokens=[1], mask=[1], entropy=[0.5], logp=[0.0],
+                                   reward=r)
+    rollouts = [mk(0, 1.0), mk(0, 1.0), mk(1, 0.0), mk(1, 1.0), mk(2, -1.0), mk(2, -1.0)]
+    batch = [{"kind": "qa", "type": "onehop"}] * 3
+    m = runtime.step_metrics(1, batch, rollouts, {}, {}, {"rollout": 0.0})
+    assert m["credit/equal_rewards"] == pytest.approx(2 / 3)
+
+
 def test_core_chunked_logprobs_match_the_full_logits(memorized):
     """The chunked, checkpointed log-probs equal log_softmax of the model's own logits, with the
     same gradient. Both float32 paths are compared with a float64 run of the same model: the
@@ -1900,7 +1953,7 @@ def moved_fraction(before, after):
 
 
 def without_time(rows):
-    return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in rows]
+    return [{k: v for k, v in m.items() if not k.startswith("time/") and k != "cum/seconds"} for m in rows]
 
 
 @pytest.mark.parametrize("algo", ["appo", "grpo", "arpo"])
@@ -1908,8 +1961,15 @@ def test_script_run_each_algo(toy_cache, tmp_path, algo):
     out = seeded_dir(toy_cache, tmp_path)
     res = run_appo(out, f"--algo={algo}")
     assert res.returncode == 0, res.stderr[-3000:]
-    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [m["step"] for m in metrics] == [1, 2]
+    logged = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in logged] == [0, 1, 2]                       # step 0: the held-out curve's start
+    curve = [m for m in logged if "heldout/acc" in m]
+    assert [m["step"] for m in curve] == [0, 2]                           # before RL and after the last step
+    assert {"heldout/arith", "heldout/onehop", "heldout/twohop"} <= set(curve[0])
+    assert curve[0]["cum/tokens_generated"] == 0 and curve[0]["cum/seconds"] == 0
+    metrics = logged[1:]
+    assert metrics[1]["cum/tokens_generated"] == sum(m["cost/tokens_generated"] for m in metrics)
+    assert 0 <= metrics[0]["credit/equal_rewards"] <= 1
     assert all(any(k.startswith("acc/") and k != "acc/initial" for k in m) for m in metrics)     # by type
     assert all(any(k.startswith("tools/calls_") for k in m) for m in metrics)
     for key in ("reward/mean", "reward/score", "reward/format_ok", "format/truncated", "format/no_answer", "format/unbalanced_tags", "tree/rollouts", "tree/branches",
@@ -1939,11 +1999,30 @@ def test_script_run_each_algo(toy_cache, tmp_path, algo):
     assert moved_fraction(weights(out / "sft"), weights(out / "final")) > 0.5
     summary = json.load(open(out / "summary.json"))
     assert summary["algo"] == algo and summary["steps"] == 2 and summary["after_rl"]["acc"] is not None
+    assert summary["heldout_curve"]["step"] == [0, 2]
+    assert summary["heldout_curve"]["acc"] == [round(m["heldout/acc"], 4) for m in curve]
     assert {"acc", "pass@2", "bad_format/truncated", "tool_calls/arith"} <= set(summary["before_rl"]["val"])
     assert summary["gain"]["acc"] == pytest.approx(summary["after_rl"]["acc"] - summary["before_rl"]["test"]["acc"],
                                                    abs=1e-4)
     assert json.load(open(out / "config.json"))["algo"] == algo
     assert os.path.exists(out / "final" / "config.json") and os.path.exists(out / "ckpt" / "trainer_state.pt")
+
+
+def test_script_heldout_curve_leaves_training_unchanged(toy_cache, tmp_path):
+    """--eval_every evaluates greedily between steps: the training run (metrics, weights) is the same
+    with a point after every step as with none, and the curve has one point per step."""
+    runs = {}
+    for every in (0, 1):
+        out = seeded_dir(toy_cache, tmp_path / str(every))
+        res = run_appo(out, f"--eval_every={every}", "--steps=3", "--tree_every=0")
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[every] = [json.loads(line) for line in open(out / "metrics.jsonl")], weights(out / "final")
+    (plain, a), (curved, b) = runs[0], runs[1]
+    assert [m["step"] for m in curved] == [0, 1, 2, 3] and all("heldout/acc" in m for m in curved)
+    assert not any("heldout/acc" in m for m in plain)
+    strip = lambda rows: [{k: v for k, v in m.items() if not k.startswith("heldout/")} for m in rows]
+    assert without_time(strip(curved[1:])) == without_time(plain)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_script_bf16_training_moves_the_float32_master_weights(toy_cache, tmp_path):
@@ -1978,7 +2057,7 @@ def test_script_kill_and_resume_matches_an_uninterrupted_run(toy_cache, tmp_path
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4]
     assert without_time(metrics) == without_time([json.loads(line) for line in open(straight / "metrics.jsonl")])
     a, b = weights(out / "final"), weights(straight / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -2378,8 +2457,8 @@ def test_script_torchrun_run_logs_once_checkpoints_once_and_resumes(toy_cache, t
     res = torchrun(os.path.join(HERE, "appo.py"), f"--out_dir={out}", *SMOKE, "--steps=1", timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("step 1/1") == 1, res.stdout[-3000:]               # rank 0 alone prints
-    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
-    assert json.loads(open(out / "metrics.jsonl").readline())["tree/rollouts"] == 16   # both ranks' trees
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1]
+    assert json.loads(open(out / "metrics.jsonl").readlines()[1])["tree/rollouts"] == 16   # both ranks' trees
     state = torch.load(out / "ckpt" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 1 and len(state["rng"]) == 2                  # one RNG stream per rank
     assert sorted(os.listdir(out / "ckpt")) == sorted(os.listdir(out / "final") + ["trainer_state.pt"])
@@ -2388,7 +2467,7 @@ def test_script_torchrun_run_logs_once_checkpoints_once_and_resumes(toy_cache, t
                    timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("resumed from") == 1 and res.stdout.count("step 2/2") == 1, res.stdout[-3000:]
-    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [0, 1, 2]
     assert json.load(open(out / "summary.json"))["steps"] == 2
 
 
@@ -3461,3 +3540,72 @@ def test_toy_build_refuses_a_cached_world_of_the_other_filler_setting(tmp_path):
     assert build(False)[0] == splits
     with pytest.raises(ValueError, match="toy_filler=False.*toy_filler=True"):
         build(True)
+
+
+# --- the comparison's evidence: noise floor, paired differences, budget curves (bench.py) ---
+def fake_run(out, sft, variant, rl, acc, curve):
+    """A finished compare run on disk: summary.json, timing.json and metrics.jsonl with a held-out curve
+    of (cum tokens, cum seconds, val accuracy) points, one RL step row after each."""
+    run = out / f"sft{sft}" / variant / f"rl{rl}"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"after_rl": {"acc": acc}}))
+    (run / "timing.json").write_text("{}")
+    rows = []
+    for step, (tokens, seconds, val) in enumerate(curve):
+        row = {"step": step, "heldout/acc": val, "cum/tokens_generated": tokens, "cum/seconds": seconds}
+        if step:
+            row.update({"tree/rollouts": 16, "credit/equal_rewards": 0.5, "cost/tokens_generated": 100,
+                        "time/rollout_s": 1.0, "time/reward_s": 0.0, "time/update_s": 0.5})
+        rows.append(row)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in rows))
+
+
+def test_core_evidence_tables_hand_values(tmp_path):
+    import bench
+    accs = {"appo": [0.80, 0.70, 0.75], "grpo": [0.70, 0.66, 0.68]}      # paired d = -10, -4, -7 points
+    for variant, xs in accs.items():
+        for rl, acc in enumerate(xs):
+            fake_run(tmp_path, 0, variant, rl, acc, [(0, 0.0, 0.2), (100, 1.5, 0.4), (200, 3.0 + rl, 0.6)])
+    bench.evidence(str(tmp_path))
+    text = (tmp_path / "results.md").read_text()
+    # GRPO - APPO: mean -7.0, sd 3.0, half-width t(2) * 3 / sqrt(3) = 4.30 * 1.732 = 7.45
+    # pairs for +-3: the first n with t(n - 1) * 3 / sqrt(n) <= 3: n = 6 gives 3.15, n = 7 gives 2.78
+    assert "| GRPO | 3 | -7.0 | 3.0 | [-14.4, +0.4] | no | 7 |" in text
+    assert "Where forks land" not in text                                 # no fork metrics in these runs
+    assert "| APPO | 3 | 75.0 +- 5.0 | 5.0 (df 2) |" in text                # sd over RL seeds, one checkpoint
+    assert "| val acc at 200 tokens (%) | val acc at 3 s (%) |" in text   # the budgets every run reached
+    assert "| 60.0 +- 0.0 | 53.5 +- 5.9 |" in text      # at 3 s: 60, 40 + 20 * 1.5 / 2.5, 40 + 20 * 1.5 / 3.5
+    assert (tmp_path / "budget.png").stat().st_size > 10_000
+
+
+def test_core_curve_at_interpolates_and_within_sd_pools_checkpoints():
+    import bench
+    rows = [{"heldout/acc": 0.2, "cum/tokens_generated": 0}, {"x": 1},
+            {"heldout/acc": 0.6, "cum/tokens_generated": 100}]
+    assert bench.curve_at(rows, "cum/tokens_generated", 25) == pytest.approx(30.0)
+    assert bench.curve_at(rows, "cum/tokens_generated", 101) is None
+    runs = [("0", "0", {"after_rl": {"acc": 0.5}}, None, None), ("0", "1", {"after_rl": {"acc": 0.7}}, None, None),
+            ("1", "0", {"after_rl": {"acc": 0.9}}, None, None), ("1", "1", {"after_rl": {"acc": 0.9}}, None, None)]
+    sd, df = bench.within_sd(runs)               # squares: 100 + 100 + 0 + 0 over 2 df -> sd 10 points
+    assert df == 2 and sd == pytest.approx(10.0)
+    assert bench.t95(2) == 4.30 and bench.t95(16) == 2.13 and bench.t95(40) == 2.05
+
+
+def test_script_compare_runs_variants_from_one_checkpoint_and_resumes(toy_cache, tmp_path):
+    """bench.py compare: RL seeds x variants from the shared SFT checkpoint, two at a time; the runs of
+    one (checkpoint, seed) see the same prompts; a second call finds them done and only re-tabulates."""
+    seeded_dir(toy_cache, tmp_path / "sft0" / "toy")
+    args = [sys.executable, "bench.py", "compare", str(tmp_path), "0", "0,1", "appo,grpo", "2", *SMOKE,
+            "--eval_every=1", "--tree_every=0"]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("done ") == 4 and "FAILED" not in res.stdout
+    text = (tmp_path / "results.md").read_text()
+    assert "| APPO | 2 |" in text and "| GRPO | 2 |" in text and "| GRPO | 2 | " in text.split("Paired")[1]
+    assert (tmp_path / "budget.png").exists()
+    for seed in (0, 1):
+        configs = [json.load(open(tmp_path / "sft0" / v / f"rl{seed}" / "config.json")) for v in ("appo", "grpo")]
+        assert all(c["seed"] == seed and c["toy_dir"] == str(tmp_path / "sft0" / "toy") for c in configs)
+        assert configs[0]["torch_threads"] == 1                           # two at once: one thread each
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=HERE)
+    assert again.returncode == 0 and "done " not in again.stdout
