@@ -419,8 +419,10 @@ def run_logged(cmd, out_dir, timeout):
 
 
 def logged_steps(out_dir):
+    """The RL steps in a run's metrics.jsonl (its step-0 line is the held-out curve's SFT point)."""
     path = os.path.join(out_dir, "metrics.jsonl")
-    return [json.loads(line)["step"] for line in open(path)] if os.path.exists(path) else []
+    steps = [json.loads(line)["step"] for line in open(path)] if os.path.exists(path) else []
+    return [s for s in steps if s > 0]
 
 
 def why(res):
@@ -930,13 +932,12 @@ LEDGER = [("initial rollouts", lambda m: m["tree/rollouts"] - m["tree/branches"]
 def ledger(out="out/compare", variants="appo,grpo,arpo"):
     """The cost ledger of the comparison runs: per RL step, mean over steps and seeds, and the ratio
     to GRPO's, from each run's metrics.jsonl (the runs of `compare`)."""
-    names, seeds = variants.split(","), sorted(d for d in os.listdir(out) if d.startswith("seed"))
-    mean = {}
+    names, runs, mean = variants.split(","), finished_runs(out), {}
     for name in names:
-        runs = [os.path.join(out, s, name, "metrics.jsonl") for s in seeds]
-        steps = [json.loads(line) for path in runs if os.path.exists(path.replace("metrics.jsonl", "summary.json"))
-                 for line in open(path)]
-        mean[name] = [statistics.mean(f(m) for m in steps) for _, f in LEDGER] + [len(steps) // 100]
+        steps = [m for *_, rows in runs.get(name, []) for m in rows if m["step"] > 0]   # step 0: held-out only
+        if not steps:
+            sys.exit(f"ledger: no finished {name} run under {out}")
+        mean[name] = [statistics.mean(f(m) for m in steps) for _, f in LEDGER] + [len(runs[name])]
     labels = [VARIANTS[n][0] for n in names]
     lines = ["| per RL step | " + " | ".join(labels) + " |", "|---|" + "---|" * len(names)]
     for i, (what, _) in enumerate(LEDGER):
@@ -944,7 +945,7 @@ def ledger(out="out/compare", variants="appo,grpo,arpo"):
         if "grpo" in mean:
             cells = [c + (f" ({mean[n][i] / mean['grpo'][i]:.2f}x)" if mean["grpo"][i] else "") for c, n in zip(cells, names)]
         lines.append(f"| {what} | " + " | ".join(cells) + " |")
-    lines.append("| runs (100 steps each) | " + " | ".join(str(mean[n][-1]) for n in names) + " |")
+    lines.append("| runs | " + " | ".join(str(mean[n][-1]) for n in names) + " |")
     print("\n".join(lines))
 
 
