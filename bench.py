@@ -17,6 +17,7 @@ Each benchmark runs in this process and prints one line; run it in a fresh proce
 peak (ru_maxrss) belongs to it alone.
 """
 import dataclasses
+import glob
 import json
 import os
 import resource
@@ -871,36 +872,64 @@ def saved_agent(model_dir, cfg):
     return model, tok, tools.toolbox(search_backend=runtime.make_search(cfg), timeout=cfg.tool_timeout)
 
 
+def decision_check(model, tok, toolbox, exs, cfg, k, tau):
+    """What a checkpoint leaves to RL on `exs` (toy questions with their decision fields): per type,
+    greedy accuracy and how often greedy takes the right procedure at the question's decision
+    (toy.procedure_ok); pass@k at temperature tau, how often samples take the right procedure, how
+    reliable the mechanics are (the share right among those), and the share with a good format.
+    Prints one line per type and one for all; returns the totals as shares."""
+    import appo
+    import toy
+    prompts = [appo.example_prompt(tok, e, cfg) for e in exs]
+    torch.manual_seed(0)
+    greedy = appo.run_agent(model, tok, prompts, appo.sampling_of(cfg, greedy=True), toolbox)
+    samples = appo.run_agent(model, tok, [p for p in prompts for _ in range(k)],      # sample j of i: i * k + j
+                             dataclasses.replace(appo.sampling_of(cfg), temperature=tau), toolbox)
+    right = lambda r, e: appo.compute_reward(r.text, e["answer"], e["kind"])["score"] >= 1
+    keys = ("greedy", "greedy procedure", f"pass@{k}", "procedure", "right", "format ok")
+    total, n_total = dict.fromkeys(keys, 0), 0
+    for ty in toy.TYPES:
+        idx = [i for i, e in enumerate(exs) if e["type"] == ty]
+        if not idx:
+            continue
+        pairs = [(i, j) for i in idx for j in range(k)]
+        proc = [(i, j) for i, j in pairs if toy.procedure_ok(exs[i], samples[i * k + j])]
+        row = {"greedy": sum(right(greedy[i], exs[i]) for i in idx),
+               "greedy procedure": sum(toy.procedure_ok(exs[i], greedy[i]) for i in idx),
+               f"pass@{k}": sum(any(right(samples[i * k + j], exs[i]) for j in range(k)) for i in idx),
+               "procedure": len(proc), "right": sum(right(samples[i * k + j], exs[i]) for i, j in proc),
+               "format ok": sum(appo.format_ok(samples[i * k + j].text) for i, j in pairs)}
+        total, n_total = {key: total[key] + row[key] for key in keys}, n_total + len(idx)
+        print(f"{ty}: greedy {row['greedy'] / len(idx):.3f} (right procedure {row['greedy procedure'] / len(idx):.3f}), "
+              f"pass@{k} {row[f'pass@{k}'] / len(idx):.3f}, samples: right procedure {row['procedure'] / len(pairs):.3f}, "
+              f"reliable {row['right'] / max(row['procedure'], 1):.3f}, format ok {row['format ok'] / len(pairs):.3f}")
+    shares = {"greedy": total["greedy"] / n_total, "greedy procedure": total["greedy procedure"] / n_total,
+              f"pass@{k}": total[f"pass@{k}"] / n_total, "procedure": total["procedure"] / (n_total * k),
+              "reliable": total["right"] / max(total["procedure"], 1), "format ok": total["format ok"] / (n_total * k)}
+    print(f"all ({n_total} questions): " + ", ".join(f"{key} {v:.3f}" for key, v in shares.items()), flush=True)
+    return shares
+
+
 def sft_check(toy_dir, k="8", tau="0.7"):
-    """What a toy SFT checkpoint leaves to RL, on the validation split: greedy accuracy, pass@k at the
-    RL temperature, how often samples take the right procedure at the question's decision
-    (toy.procedure_ok) and how reliable the mechanics are (the share right among those)."""
+    """What a toy SFT checkpoint leaves to RL, on the validation split (decision_check)."""
     import appo, runtime
     import toy
-    k, tau = int(k), float(tau)
     cfg = appo.Config(device="cpu", search_corpus=os.path.join(toy_dir, "world", "corpus.jsonl"),
                       system_prompt=toy.SYSTEM_PROMPT)
     model, tok, toolbox = saved_agent(os.path.join(toy_dir, "sft"), cfg)
     exs = runtime.read_jsonl(os.path.join(toy_dir, "world", "val.jsonl"))
-    prompts = [appo.example_prompt(tok, e, cfg) for e in exs]
-    torch.manual_seed(0)
-    greedy = appo.run_agent(model, tok, prompts, appo.Sampling(greedy=True, max_response_tokens=cfg.max_response_tokens),
-                            toolbox)
-    samples = appo.run_agent(model, tok, [p for p in prompts for _ in range(k)],
-                             appo.Sampling(temperature=tau, max_response_tokens=cfg.max_response_tokens), toolbox)
-    right = lambda r, e: appo.compute_reward(r.text, e["answer"], e["kind"])["score"] >= 1
-    total = {"greedy": 0, "pass@k": 0, "procedure": 0, "right": 0}
-    for ty in toy.TYPES:
-        idx = [i for i, e in enumerate(exs) if e["type"] == ty]
-        proc = [(i, j) for i in idx for j in range(k) if toy.procedure_ok(exs[i], samples[i * k + j])]
-        row = {"greedy": sum(right(greedy[i], exs[i]) for i in idx),
-               "pass@k": sum(any(right(samples[i * k + j], exs[i]) for j in range(k)) for i in idx),
-               "procedure": len(proc), "right": sum(right(samples[i * k + j], exs[i]) for i, j in proc)}
-        total = {key: total[key] + row[key] for key in total}
-        print(f"{ty}: greedy {row['greedy'] / len(idx):.3f}, pass@{k} {row['pass@k'] / len(idx):.3f}, right "
-              f"procedure {row['procedure'] / (len(idx) * k):.3f}, reliable {row['right'] / max(row['procedure'], 1):.3f}")
-    print(f"all ({len(exs)} questions): greedy {total['greedy'] / len(exs):.3f}, pass@{k} {total['pass@k'] / len(exs):.3f}, "
-          f"reliable {total['right'] / max(total['procedure'], 1):.3f}")
+    decision_check(model, tok, toolbox, exs, cfg, int(k), float(tau))
+
+
+def natural_check(model_dir, data_dir, k="4", tau="1.0", limit="0", max_tokens="256"):
+    """The same for a chat model on `python toy.py natural DATA_DIR` data: decision_check on the first
+    `limit` questions of DATA_DIR/val.jsonl (0 = all), with the default system prompt of the traces."""
+    import appo, runtime
+    cfg = appo.Config(device="cpu", search_corpus=os.path.join(data_dir, "corpus.jsonl"),
+                      max_response_tokens=int(max_tokens), gen_batch_size=64)
+    model, tok, toolbox = saved_agent(model_dir, cfg)
+    exs = runtime.read_jsonl(os.path.join(data_dir, "val.jsonl"))
+    decision_check(model, tok, toolbox, exs[:int(limit) or None], cfg, int(k), float(tau))
 
 
 def val(*runs):
@@ -914,6 +943,46 @@ def val(*runs):
         model, tok, toolbox = saved_agent(os.path.join(run, "final"), cfg)
         m = appo.evaluate(model, tok, runtime.load_examples(os.path.join(world, "val.jsonl")), cfg, toolbox, "val")
         print(run, json.dumps({k: round(v, 3) for k, v in m.items() if k == "acc" or k.startswith("acc/")}), flush=True)
+
+
+def lane(out="out/smollm2_lane"):
+    """The table of smollm2_lane.sh from its runs' summary.json and timing.json: before SFT, after SFT,
+    after RL per algorithm and seed (and their mean): format ok, tool calls per answer by question
+    type, held-out accuracy (all and by type), wall time. Markdown, printed and written to OUT/lane.md."""
+    types = ("arith", "onehop", "twohop")
+    rows = []
+
+    def row(name, metrics, seconds):
+        ok = 1 - sum(v for k, v in metrics.items() if k.startswith("bad_format/"))
+        calls = " / ".join(f"{metrics.get(f'tool_calls/{t}', 0):.2f}" for t in types)
+        accs = " / ".join(f"{100 * metrics.get(f'acc/{t}', 0):.1f}" for t in types)
+        rows.append(f"| {name} | {100 * ok:.1f} % | {calls} | **{100 * metrics['acc']:.1f} %** ({accs}) | "
+                    f"{seconds / 60:.0f} min |")
+
+    def load(run):
+        with open(os.path.join(run, "summary.json")) as f, open(os.path.join(run, "timing.json")) as g:
+            return json.load(f), json.load(g)
+
+    for stage, name in (("before_sft", "SmolLM2-135M-Instruct as converted"), ("sft", "after cold-start SFT")):
+        if os.path.exists(os.path.join(out, stage, "summary.json")):
+            summary, timing = load(os.path.join(out, stage))
+            row(name, summary["before_rl"]["test"], timing["wall_s"])
+    for algo in ("appo", "grpo", "arpo"):
+        runs = sorted(glob.glob(os.path.join(out, algo, "seed*", "summary.json")))
+        got = [load(os.path.dirname(r)) for r in runs]
+        for (summary, timing), r in zip(got, runs):
+            row(f"after {summary['steps']} {algo.upper()} steps, seed {summary['seed']}", summary["after_rl"],
+                timing["wall_s"])
+        if len(got) > 1:
+            gains = [100 * s["gain"]["acc"] for s, _ in got]
+            rows.append(f"| {algo.upper()}: gain over the SFT checkpoint, {len(got)} seeds | | | "
+                        f"{' / '.join(f'{g:+.1f}' for g in gains)} points (mean {statistics.mean(gains):+.1f}) | |")
+    head = ["| | format ok | tool calls per answer (arith / onehop / twohop) | held-out accuracy, greedy "
+            "(arith / onehop / twohop) | wall time |", "|---|---|---|---|---|"]
+    text = "\n".join(head + rows)
+    print(text)
+    with open(os.path.join(out, "lane.md"), "w") as f:
+        f.write(text + "\n")
 
 
 LEDGER = [("initial rollouts", lambda m: m["tree/rollouts"] - m["tree/branches"]),
@@ -952,7 +1021,7 @@ def ledger(out="out/compare", variants="appo,grpo,arpo"):
 if __name__ == "__main__":
     benchmarks = {"memory": memory, "stops": stops, "compare": compare, "evidence": evidence, "loop": loop, "speed_model": speed_model,
                   "speed_data": speed_data, "trl": trl, "gpu_plan": gpu_plan, "ledger": ledger,
-                  "sft_check": sft_check, "val": val, "gpu_check": gpu_check}
+                  "sft_check": sft_check, "natural_check": natural_check, "lane": lane, "val": val, "gpu_check": gpu_check}
     if len(sys.argv) < 2 or sys.argv[1] not in benchmarks:
         sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}} [args]")
     benchmarks[sys.argv[1]](*sys.argv[2:])

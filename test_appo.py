@@ -6,6 +6,7 @@ and runs of the scripts at tiny budgets (the test_script_* tests). No network, n
     python -m pytest -q test_appo.py -k "not script"      # without the script runs (~40 s)
     python -m pytest -q test_appo.py -k math              # one module's section: math, tools, core, toy, ...
 """
+from collections import Counter
 from html.parser import HTMLParser
 from types import SimpleNamespace
 import copy
@@ -2542,6 +2543,73 @@ def test_toy_teacher_traces_do_the_mechanics_right():
                     assert "SyntaxError" in trace
                 elif slip:
                     assert "No search results found." in trace
+
+
+
+def trace_calls(trace):
+    """The (tool, payload, result) calls a response text makes, as a Rollout's `calls` reads."""
+    import re
+    own = tools.RESULT_SPAN.sub("", trace)
+    return [(name, payload, None) for name, payload in re.findall(r"<(python|search)>(.*?)</\1>", own, re.S)]
+
+
+def test_toy_natural_traces_hold_both_options_at_each_decision():
+    """The natural-language teacher (the SmolLM2 lane's SFT data) at wrong_rate 0.5: every question
+    type has traces of both options at its decision (toy.procedure_ok on the trace's own calls); a right
+    one ends in the gold answer, a wrong one in the wrong option's answer (a number from memory, the
+    sibling's city, the first passage's other fact); the arith decision is the one word after the
+    same phrasing; slips are recovered from. At wrong_rate 0 every trace takes the right procedure."""
+    import random
+    import toy
+    questions, corpus = toy.make_world(0)
+    search, rng = Search(corpus=corpus, topk=1), random.Random(0)
+    for t in toy.TYPES:
+        options = Counter()
+        for ex in questions[t][:60]:
+            trace = toy.natural_trace(ex, search, rng, wrong_rate=0.5, error_rate=0.2)
+            ok = toy.procedure_ok(ex, SimpleNamespace(calls=trace_calls(trace)))
+            options[ok] += 1
+            boxed = extract_answer(trace)
+            if ok:
+                assert boxed == ex["answer"][0], trace
+            elif t == "arith":
+                assert boxed != ex["answer"][0] and "<python>" not in trace and toy.MEMORY in trace, trace
+                assert trace.split("\n")[0] in [i.format(how=toy.MEMORY) for i in toy.ARITH_INTRO]
+            elif t == "onehop":
+                assert boxed == ex["decoy_answer"] and f"<search>{ex['decoy']}</search>" in trace, trace
+            else:
+                assert boxed == ex["shortcut"] and trace.count("<search>") - trace.count(toy.SLIP_QUERY) == 1
+            if t == "arith" and ok:
+                assert trace.split("\n")[0] in [i.format(how=toy.TOOL) for i in toy.ARITH_INTRO]
+            if toy.SLIP_QUERY in trace:
+                assert toy.FIX_QUERY in trace and tools.NO_RESULTS in trace
+            if "SyntaxError" in trace:
+                assert toy.FIX_CODE in trace
+        assert 18 <= options[True] <= 42 and 18 <= options[False] <= 42, (t, options)   # both, near 50/50
+        for ex in questions[t][60:80]:
+            trace = toy.natural_trace(ex, search, rng)
+            assert toy.procedure_ok(ex, SimpleNamespace(calls=trace_calls(trace)))
+            assert extract_answer(trace) == ex["answer"][0]
+    slips = [toy.natural_trace(ex, search, random.Random(1), 0.0, 1.0) for ex in
+             (questions["arith"][0], questions["onehop"][0], questions["twohop"][0])]
+    assert "SyntaxError" in slips[0] and all(toy.SLIP_QUERY in s for s in slips[1:])
+
+
+def test_toy_natural_export_writes_every_split(tmp_path, capsys):
+    """`python toy.py natural DIR --flags`: disjoint splits of the asked sizes, SFT rows that load as
+    traces, val/test rows that keep the decision fields bench.py natural_check reads; bad flags stop."""
+    import toy
+    toy.natural_main(["natural", str(tmp_path), "--sft=12", "--rl=6", "--val=6", "--test=9", "--wrong_rate=0.6"])
+    rows = {n: runtime.read_jsonl(str(tmp_path / f"{n}.jsonl")) for n in ("sft", "rl", "val", "test")}
+    assert {n: len(r) for n, r in rows.items()} == {"sft": 12, "rl": 6, "val": 6, "test": 9}
+    qs = [{e["question"] for e in r} for r in rows.values()]
+    assert sum(map(len, qs)) == len(set().union(*qs))                  # disjoint
+    assert len(runtime.load_traces(str(tmp_path / "sft.jsonl"))) == 12
+    assert all("hops" in e or "code" in e for e in rows["val"] + rows["test"])
+    assert all(set(e) == {"question", "answer", "kind", "type"} for e in rows["rl"])
+    for bad in (["--wrong_rate=2"], ["--foo=1"], ["--sft=x"]):
+        with pytest.raises(SystemExit):
+            toy.natural_main(["natural", str(tmp_path / "b"), *bad])
 
 
 # ===============================================================================================

@@ -275,19 +275,26 @@ def build(out_dir, seed, sizes, wrong_rate, error_rate, hidden, layers, heads, p
 
 
 # ---------------------------------------------------------------------------------------------
-# The same world for a real chat model (SmolLM2, Qwen): natural-language traces, right procedure
+# The same world for a real chat model (SmolLM2, Qwen): natural-language traces, noisy decisions
 # ---------------------------------------------------------------------------------------------
-# Unlike teacher_trace (bare tags, noisy decisions, for the tiny toy model), every trace here takes
-# the right procedure and reasons in plain sentences around the calls, so a pretrained chat model
-# can learn the tag protocol from a few hundred examples. `python toy.py natural DIR` writes them.
-ARITH_INTRO = ("I'll compute this with Python.", "Let me calculate this with Python.",
-               "I will evaluate the expression with Python.")
+# Like teacher_trace, but in plain sentences around the calls, so a pretrained chat model learns the
+# tag protocol from a few hundred examples, and with the same decisions left to RL: at each question's
+# decision the teacher takes the wrong option with probability `wrong_rate`. Each sentence comes in a
+# few equivalent phrasings (inconsequential choices, as the pilot's filler words) around the one word
+# that decides: "I'll compute this with Python." / "I'll compute this in my head." `python toy.py
+# natural DIR` writes them.
+ARITH_INTRO = ("I'll compute this {how}.", "Let me calculate this {how}.", "I will evaluate the expression {how}.")
+TOOL, MEMORY = "with Python", "in my head"            # the arith decision: the word after the phrasing
 ARITH_OUTRO = ("The result is {a}.", "Python prints {a}, so {code} = {a}.", "So the answer is {a}.")
+MENTAL = ("{code} = {a}.", "That gives {a}.", "{code} comes to {a}.")     # from memory: a wrong number
 SEARCH_INTRO = ("I need to find {goal}.", "To answer this, I need to know {goal}.",
                 "Let me search for {goal}.")
 READ = ("The passage says {fact}", "According to the passage, {fact}", "I found that {fact}")
 NEXT = ("Now I need to find {goal}.", "Next, I need to know {goal}.", "So I still need to find {goal}.")
 ANSWER = ("<answer>\\boxed{{{a}}}</answer>", "<answer>The answer is \\boxed{{{a}}}.</answer>")
+FIX_CODE = "I left a parenthesis open. Let me fix the code.\n"
+FIX_QUERY = "That search found nothing. I should search for the name itself.\n"
+SLIP_QUERY = "who was it"                             # stopwords only: the search finds nothing
 
 
 def hops_of(ex):
@@ -304,43 +311,79 @@ def hops_of(ex):
     return [first, (h1, f"where {h1} was born", "was born in", a)]
 
 
-def natural_trace(ex, search, rng):
-    """The assistant's response to one toy question: the right tool calls, reasoning between them."""
+def shortcut_fact(ex):
+    """A two-hop question's wrong stop: what the first passage says that reads like an answer
+    (the first hop's own birthplace, the company's city, the founder's name) -> (relation, value)."""
+    q = ex["question"]
+    if q.startswith("Where was the mentor of"):
+        return "was born in", ex["shortcut"]
+    return ("is based in" if q.startswith("Where was the founder of") else "was founded by"), ex["shortcut"]
+
+
+def natural_trace(ex, search, rng, wrong_rate=0.0, error_rate=0.0):
+    """The assistant's response to one toy question, reasoning in sentences between the calls. The
+    mechanics are always right (operands and names copied, results read, tags closed). With
+    probability `wrong_rate` it takes the wrong option at the question's decision, as teacher_trace:
+      arith   "... in my head." and a wrong number, instead of "... with Python." and the call;
+      onehop  searches the sibling named in the question (the decoy) and answers that sibling's city;
+      twohop  reads the first passage's other fact and answers it, one hop short.
+    With probability `error_rate` it first recovers from a slip (a python syntax error, or a search
+    that finds nothing), so the data covers what RL rollouts meet. With both rates 0 it takes the
+    right procedure every time, and the rng is drawn from only for the phrasing."""
     a = ex["answer"][0]
+    wrong, slip = rng.random() < wrong_rate, rng.random() < error_rate
     if ex["type"] == "arith":
+        if wrong:                                     # a 135M model cannot multiply 3-digit numbers
+            guess = str(int(a) + rng.choice([-1, 1]) * rng.randint(1, 60))
+            return (f"{rng.choice(ARITH_INTRO).format(how=MEMORY)}\n"
+                    f"{rng.choice(MENTAL).format(code=ex['code'], a=guess)}\n{rng.choice(ANSWER).format(a=guess)}")
+        text = f"{rng.choice(ARITH_INTRO).format(how=TOOL)}\n"
+        if slip:
+            broken = f"print({ex['code']}"
+            text += f"<python>{broken}</python>{tools.format_result(tools.python_tool(broken))} {FIX_CODE}"
         out = tools.python_tool(f"print({ex['code']})")
         assert out == a, (ex, out)
-        return (f"{rng.choice(ARITH_INTRO)}\n<python>print({ex['code']})</python>{tools.format_result(out)} "
+        return (f"{text}<python>print({ex['code']})</python>{tools.format_result(out)} "
                 f"{rng.choice(ARITH_OUTRO).format(a=a, code=ex['code'])}\n{rng.choice(ANSWER).format(a=a)}")
+    hops = hops_of(ex)
+    if ex["type"] == "onehop" and wrong:              # the sibling: the question's other name
+        hops = [(ex["decoy"], f"where {ex['decoy']} was born", "was born in", ex["decoy_answer"])]
     text = ""
-    for i, (entity, goal, relation, value) in enumerate(hops_of(ex)):
+    for i, (entity, goal, relation, value) in enumerate(hops):
+        text += f"{rng.choice(NEXT if i else SEARCH_INTRO).format(goal=goal)}\n"
+        if slip and i == 0:
+            text += f"<search>{SLIP_QUERY}</search>{tools.format_result(search(SLIP_QUERY))} {FIX_QUERY}"
         result = search(entity)
         assert f"(Title: {entity})" in result and value in result, (ex, result)   # topk=1 found it
-        text += f"{rng.choice(NEXT if i else SEARCH_INTRO).format(goal=goal)}\n<search>{entity}</search>"
-        fact = rng.choice(READ).format(fact=f"{entity} {relation} {value}.")
-        text += f"{tools.format_result(result)} {fact}\n"
-    return text + rng.choice(ANSWER).format(a=a)
+        text += f"<search>{entity}</search>{tools.format_result(result)} "
+        if ex["type"] == "twohop" and i == 0 and wrong:
+            relation, value = shortcut_fact(ex)
+            fact = rng.choice(READ).format(fact=f"{entity} {relation} {value}.")
+            return text + f"{fact}\n{rng.choice(ANSWER).format(a=value)}"
+        text += f"{rng.choice(READ).format(fact=f'{entity} {relation} {value}.')}\n"
+    return text + rng.choice(ANSWER).format(a=hops[-1][3])         # the last passage's fact
 
 
-def sft_row(ex, search, rng, system_prompt):
-    response = natural_trace(ex, search, rng)
+def sft_row(ex, search, rng, system_prompt, wrong_rate=0.0, error_rate=0.0):
+    response = natural_trace(ex, search, rng, wrong_rate, error_rate)
     messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": ex["question"]},
                 {"role": "assistant", "content": response}]
     return {"messages": messages, "question": ex["question"], "response": response, "kind": ex["kind"],
             "type": ex["type"], "answer": ex["answer"]}
 
 
-def export_natural(out_dir, seed=0, n_sft=600, n_rl=300, n_test=150):
-    """Write sft.jsonl, rl.jsonl, test.jsonl (disjoint questions, a third of each type) and
+def export_natural(out_dir, seed=0, n_sft=600, n_rl=300, n_val=150, n_test=150, wrong_rate=0.0, error_rate=0.0):
+    """Write sft.jsonl (natural_trace at these rates), rl.jsonl, val.jsonl, test.jsonl (disjoint
+    questions, a third of each type; val and test keep the decision fields of toy.procedure_ok) and
     corpus.jsonl into out_dir. Returns {file name: rows written}."""
     questions, corpus = make_world(seed)
-    splits = split_world(questions, {"test": n_test, "val": 0, "rl": n_rl, "sft": n_sft})
+    splits = split_world(questions, {"test": n_test, "val": n_val, "rl": n_rl, "sft": n_sft})
     search, rng = tools.Search(corpus=corpus, topk=1), random.Random(seed)
     system_prompt = tools.default_system_prompt(tools.toolbox())
     plain = lambda rows: [{k: ex[k] for k in ("question", "answer", "kind", "type")} for ex in rows]
-    files = {"sft.jsonl": [sft_row(ex, search, rng, system_prompt) for ex in splits["sft"]],
-             "rl.jsonl": plain(splits["rl"]),
-             "test.jsonl": plain(splits["test"]), "corpus.jsonl": corpus}
+    files = {"sft.jsonl": [sft_row(ex, search, rng, system_prompt, wrong_rate, error_rate) for ex in splits["sft"]],
+             "rl.jsonl": plain(splits["rl"]), "val.jsonl": splits["val"], "test.jsonl": splits["test"],
+             "corpus.jsonl": corpus}
     os.makedirs(out_dir, exist_ok=True)
     for name, rows in files.items():
         _write_jsonl(os.path.join(out_dir, name), rows)
@@ -359,7 +402,32 @@ def _read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+NATURAL = {"seed": 0, "sft": 600, "rl": 300, "val": 150, "test": 150, "wrong_rate": 0.0, "error_rate": 0.0}
+
+
+def natural_main(argv):
+    """python toy.py natural OUT_DIR [--seed=0 --sft=600 --rl=300 --val=150 --test=150 --wrong_rate=0
+    --error_rate=0]"""
+    usage = "usage: python toy.py natural OUT_DIR " + " ".join(f"[--{k}={v}]" for k, v in NATURAL.items())
+    if len(argv) < 2 or argv[0] != "natural" or argv[1].startswith("--"):
+        sys.exit(usage)
+    opts = dict(NATURAL)
+    for arg in argv[2:]:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key not in opts or not value:
+            sys.exit(f"toy.py natural: unknown or empty flag {arg!r}\n{usage}")
+        try:
+            opts[key] = type(NATURAL[key])(value)
+        except ValueError:
+            sys.exit(f"toy.py natural: --{key} takes a number, not {value!r}")
+    if not (0 <= opts["wrong_rate"] <= 1 and 0 <= opts["error_rate"] <= 1):
+        sys.exit("toy.py natural: --wrong_rate and --error_rate are probabilities in [0, 1]")
+    try:
+        print(export_natural(argv[1], opts["seed"], opts["sft"], opts["rl"], opts["val"], opts["test"],
+                             opts["wrong_rate"], opts["error_rate"]))
+    except ValueError as e:                            # split sizes the world cannot fill
+        sys.exit(f"toy.py natural: {e}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) not in (3, 7) or sys.argv[1] != "natural":
-        sys.exit("usage: python toy.py natural OUT_DIR [SEED N_SFT N_RL N_TEST]   (defaults 0 600 300 150)")
-    print(export_natural(sys.argv[2], *map(int, sys.argv[3:])))
+    natural_main(sys.argv[1:])
