@@ -1274,13 +1274,16 @@ def main(argv=None):
         log_step(run, step, batch, rollouts, tree, update, seconds, reporter, curve)
     clock.lap("RL")
     ##### final evaluation #####
-    after = evaluate(model, tokenizer, test, cfg, run.toolbox, "test, after RL") if test else {}
+    after = {}
+    if test:                                                    # --steps=0: the checkpoint evaluated above
+        after = run.before["test"] if cfg.steps == 0 else evaluate(model, tokenizer, test, cfg, run.toolbox,
+                                                                   "test, after RL")
     clock.lap("evaluation after RL")
     summary = None
     if rank == 0:
         save_hf(model, tokenizer, os.path.join(cfg.out_dir, "final"))
         clock.lap("save")
-        summary = write_summary(cfg, run.before, after, run.metrics_path, clock)
+        summary = write_summary(cfg, run.before, after, run.metrics_path, clock, run.start)
     leave_distributed()                                         # every rank waits for rank 0's writes
     return summary
 

@@ -78,7 +78,7 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def fork_statistics(rollouts):
+def fork_statistics(rollouts, with_roles=True):
     """branch/* metrics of one step's rollouts: where the chosen fork points t lie.
 
     branch/fork_rel_pos: mean of (sampled tokens before t) / (sampled tokens in the rollout);
@@ -90,7 +90,9 @@ def fork_statistics(rollouts):
     per role (filler, decision, other: all three, summing to 1), against the base rate
     branch/candidate_role/<filler, decision> (share of candidate positions), and
     branch/omega_fork_<filler, decision>: mean Omega_t at forks of that role (where there are some).
-    The roles are the toy's: on other data "filler" counts toy.FILLER words, "decision" action tags.
+    The roles are read off the toy's tokens (a FILLER word, a one-token action tag); a real tokenizer
+    splits tags and words otherwise, so with_roles=False leaves the role keys out rather than report
+    every fork as "other".
     """
     from toy import fork_role        # here, so `import report` needs nothing beyond the standard library
     if not rollouts:
@@ -106,9 +108,9 @@ def fork_statistics(rollouts):
             rel += [sum(mask[:t]) / n for t in points]
             spans += [labels[t] for t in points]
         cands = [t for t, c in enumerate(r.get("candidate") or []) if c]
-        point_roles = [fork_role(tokens, mask, t) for t in points]
+        point_roles = [fork_role(tokens, mask, t) for t in points] if with_roles else []
         roles += point_roles
-        cand_roles += [fork_role(tokens, mask, t) for t in cands]
+        cand_roles += [fork_role(tokens, mask, t) for t in cands] if with_roles else []
         if ent is not None:
             h_fork += [ent[t] for t in points]
             h_cand += [ent[t] for t in cands]
@@ -122,10 +124,11 @@ def fork_statistics(rollouts):
     if spans:
         out["branch/fork_rel_pos"] = _mean(rel)
     out.update({f"branch/fork_span/{s}": spans.count(s) / max(len(spans), 1) for s in SPANS})
-    out.update({f"branch/fork_role/{s}": roles.count(s) / max(len(roles), 1)
-                for s in ("filler", "decision", "other")})
-    out.update({f"branch/candidate_role/{s}": cand_roles.count(s) / max(len(cand_roles), 1)
-                for s in ("filler", "decision")})
+    if with_roles:
+        out.update({f"branch/fork_role/{s}": roles.count(s) / max(len(roles), 1)
+                    for s in ("filler", "decision", "other")})
+        out.update({f"branch/candidate_role/{s}": cand_roles.count(s) / max(len(cand_roles), 1)
+                    for s in ("filler", "decision")})
     for key, xs in (("H_fork", h_fork), ("H_candidates", h_cand), ("omega_fork", o_fork),
                     ("omega_candidates", o_cand), ("omega_fork_filler", o_role["filler"]),
                     ("omega_fork_decision", o_role["decision"])):

@@ -373,9 +373,13 @@ def cold_start(cfg, init, traces, sft_dir):
     t0 = time.time()
     losses = sft(model, rows, steps=steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
                  warmup=cfg.sft_warmup, seed=cfg.seed, pad_id=tokenizer.pad_token_id, dtype=cfg.dtype)
-    save_hf(model, tokenizer, sft_dir)
+    seconds = round(time.time() - t0, 1)
+    save_hf(model, tokenizer, sft_dir, record={      # a later run that finds it cached can say what it cost
+        "stage": "cold-start SFT", "from": init, "traces": len(rows), "steps": steps,
+        "batch_size": cfg.sft_batch_size, "lr": cfg.sft_lr, "seconds": seconds,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None})
     if losses:
-        print(f"cold-start SFT: {steps} steps on {len(rows)} traces in {time.time() - t0:.0f} s, "
+        print(f"cold-start SFT: {steps} steps on {len(rows)} traces in {seconds:.0f} s, "
               f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     return sft_dir
 
@@ -751,15 +755,19 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def save_hf(model, tokenizer, path, extra=None):
-    """Write a Hugging Face checkpoint (plus `extra` torch state) atomically: a crash at any moment
-    leaves the previous one at `path`, or at `path`.old mid-swap, which load_checkpoint also finds."""
+def save_hf(model, tokenizer, path, extra=None, record=None):
+    """Write a Hugging Face checkpoint (plus `extra` torch state, and `record`, a dict saying what made
+    it, as record.json) atomically: a crash at any moment leaves the previous one at `path`, or at
+    `path`.old mid-swap, which load_checkpoint also finds."""
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if extra is not None:
         torch.save(extra, os.path.join(tmp, "trainer_state.pt"))
+    if record is not None:
+        with open(os.path.join(tmp, "record.json"), "w") as f:
+            json.dump(record, f, indent=2)
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
@@ -913,7 +921,8 @@ def log_step(run, step, batch, rollouts, tree, update, seconds, reporter, curve=
     `curve`: the held-out metrics measured after this step, if any."""
     cfg, texts = run.cfg, token_texts(run.tokenizer)
     m = step_metrics(step, batch, rollouts, tree, update, seconds)
-    m.update(report.fork_statistics([rollout_record(r, {id(r): 0}, texts) for r in rollouts]))
+    m.update(report.fork_statistics([rollout_record(r, {id(r): 0}, texts) for r in rollouts],
+                                    with_roles=not cfg.model))         # toy.fork_role reads the toy's tokens
     m = combine_ranks(gather(m))
     m.update(curve or {})
     m.update(spend(run, m["cost/tokens_generated"], sum(m[f"time/{k}_s"] for k in ("rollout", "reward", "update"))))
@@ -965,10 +974,11 @@ def time_report(phases, rows):
     return f"where the time went ({sum(phases.values()):.0f} s): " + " | ".join(parts)
 
 
-def write_summary(cfg, before, after, metrics_path, clock):
+def write_summary(cfg, before, after, metrics_path, clock, start=0):
     """summary.json: what the run measured, identical for the same command and seed on one machine
     (timings go to timing.json, the one thing that differs between two runs: the wall time, each phase
-    of `clock` and the RL steps' parts summed)."""
+    of `clock` and the RL steps' parts summed). start: the step a resumed run went on from; `clock`
+    then timed only this process, so the printed split counts only its own steps."""
     logged = read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
     rows = [m for m in logged if "tree/rollouts" in m]           # RL steps (not the step-0 held-out row)
     curve = [m for m in logged if "heldout/acc" in m]
@@ -981,7 +991,7 @@ def write_summary(cfg, before, after, metrics_path, clock):
                "heldout_curve": {"step": [m["step"] for m in curve], "acc": [round(m["heldout/acc"], 4) for m in curve],
                                  "tokens": [m["cum/tokens_generated"] for m in curve]}}
     keys = sorted({k for m in rows for k in m if k.startswith("time/")})
-    timing = {"wall_s": round(time.time() - clock.start, 1),
+    timing = {"wall_s": round(time.time() - clock.start, 1), **({"resumed_from_step": start} if start else {}),
               "phases_s": {k: round(v, 1) for k, v in clock.phases.items()},
               **{k: round(sum(m.get(k, 0.0) for m in rows), 1) for k in keys}}
     for name, obj in (("summary.json", summary), ("timing.json", timing)):
@@ -992,5 +1002,5 @@ def write_summary(cfg, before, after, metrics_path, clock):
                           for k in after if k.startswith("acc/"))
         print(f"held-out accuracy: before RL {before['test']['acc']:.3f}, after RL {after['acc']:.3f} "
               f"({kinds})")
-    print(time_report(clock.phases, rows) + " seconds")
+    print(time_report(clock.phases, [m for m in rows if m["step"] > start]) + " seconds")
     return summary

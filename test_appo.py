@@ -1949,7 +1949,21 @@ def toy_cache(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
     res = run_appo(out, "--steps=0")
     assert res.returncode == 0, res.stderr[-3000:]
+    (out / "stderr.txt").write_text(res.stderr)                 # its progress bars
     return out
+
+
+def test_script_steps_zero_evaluates_the_checkpoint_once(toy_cache):
+    """--steps=0 (SFT only, or a checkpoint's numbers): the test split is answered once, before RL, and
+    that is also the 'after RL' of the summary: no second pass over an unchanged model."""
+    summary = json.load(open(toy_cache / "summary.json"))
+    assert summary["steps"] == 0 and summary["after_rl"] == summary["before_rl"]["test"] and summary["after_rl"]
+    assert all(v == 0 for v in summary["gain"].values())
+    bars = (toy_cache / "stderr.txt").read_text()
+    assert "test, before RL" in bars and "test, after RL" not in bars
+    record = json.load(open(toy_cache / "sft" / "record.json"))        # what the cached SFT cost, kept with it
+    assert record["steps"] == 150 and record["traces"] == 90 and record["seconds"] > 0
+    assert record["loss_last"] < record["loss_first"]
 
 
 def seeded_dir(toy_cache, tmp_path):
@@ -2080,6 +2094,10 @@ def test_script_kill_and_resume_matches_an_uninterrupted_run(toy_cache, tmp_path
     a, b = weights(out / "final"), weights(straight / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (out / "summary.json").read_text() == (straight / "summary.json").read_text()
+    start = json.load(open(out / "timing.json"))["resumed_from_step"]     # the resumed process timed its own steps
+    import re
+    assert start >= 2 and re.search(r"RL (\d+) steps", res.stdout).group(1) == str(4 - start)
+    assert "resumed_from_step" not in json.load(open(straight / "timing.json"))
 
 
 ##### torchrun: data-parallel ranks (gloo on CPU) #####
@@ -2544,6 +2562,37 @@ def test_toy_teacher_traces_do_the_mechanics_right():
                 elif slip:
                     assert "No search results found." in trace
 
+
+
+def test_toy_lane_table_reads_every_stage(tmp_path, capsys):
+    """bench.py lane: one row per stage and RL run, format ok as 1 - the bad-format shares, what each
+    stage cost (the evaluation, the SFT record kept with its checkpoint, the RL steps' own seconds from
+    metrics.jsonl), the gains of several seeds; written to lane.md."""
+    import bench
+    m = lambda acc, bad: {"acc": acc, "acc/arith": acc, "acc/onehop": 0.5, "acc/twohop": 0.25,
+                          "tool_calls/arith": 1.0, "tool_calls/onehop": 1.0, "tool_calls/twohop": 1.5,
+                          "bad_format/truncated": bad, "bad_format/no_answer": 0.0}
+    runs = {"before_sft": {"before_rl": {"test": m(0.0, 1.0)}},
+            "sft": {"before_rl": {"test": m(0.2, 0.1)}},
+            "appo/seed0": {"steps": 30, "seed": 0, "after_rl": m(0.6, 0.0), "gain": {"acc": 0.4}},
+            "appo/seed1": {"steps": 30, "seed": 1, "after_rl": m(0.5, 0.05), "gain": {"acc": 0.3}}}
+    for name, summary in runs.items():
+        write_jsonl(tmp_path / name / "summary.json", [json.dumps(summary)])
+        write_jsonl(tmp_path / name / "timing.json", [json.dumps({"wall_s": 600})])
+        write_jsonl(tmp_path / name / "metrics.jsonl", [                  # step 0 (held-out only), then RL steps
+            {"step": 0, "heldout/acc": 0.2, "cum/tokens_generated": 0, "cum/seconds": 0},
+            {"step": 30, "tree/rollouts": 8, "heldout/acc": 0.6, "cum/tokens_generated": 48000, "cum/seconds": 1260}])
+    write_jsonl(tmp_path / "sft" / "sft" / "record.json", [json.dumps({"seconds": 990.0})])
+    bench.lane(str(tmp_path), str(tmp_path / "lane.png"))
+    lines = (tmp_path / "lane.md").read_text().splitlines()
+    assert lines == capsys.readouterr().out.splitlines()[:-1] and len(lines) == 2 + 5     # and "wrote ..."
+    assert lines[2] == "| SmolLM2-135M-Instruct as converted | 0.0 % | 1.00 / 1.00 / 1.50 | **0.0 %** " \
+                       "(0.0 / 50.0 / 25.0) | evaluation 10 min |"
+    assert "| after cold-start SFT | 90.0 % |" in lines[3] and lines[3].endswith("| SFT 16 min |")
+    assert "after 30 APPO steps, seed 1 | 95.0 % |" in lines[5] and "**50.0 %** (50.0 / 50.0 / 25.0)" in lines[5]
+    assert lines[5].endswith("| RL steps 21 min, 48k tokens |")
+    assert "+40.0 / +30.0 points (mean +35.0)" in lines[6]
+    assert (tmp_path / "lane.png").stat().st_size > 10_000
 
 
 def trace_calls(trace):
@@ -3609,6 +3658,9 @@ def test_report_fork_statistics_fork_roles():
     none = report.fork_statistics([stat_rollout(["a", "b"], [1, 1], [], [1.0, 2.0], [1.0, 1.0], [1, 0])])
     assert [none[f"branch/fork_role/{s}"] for s in ("filler", "decision", "other")] == [0.0, 0.0, 0.0]
     assert "branch/omega_fork_filler" not in none and "branch/omega_fork_decision" not in none
+    plain = report.fork_statistics([a, b], with_roles=False)              # a real tokenizer's run
+    toy_only = lambda k: "role" in k or k.endswith(("_filler", "_decision"))
+    assert plain == {k: v for k, v in got.items() if not toy_only(k)} and "branch/omega_fork" in plain
 
 
 def test_toy_build_refuses_a_cached_world_of_the_other_filler_setting(tmp_path):
