@@ -945,44 +945,84 @@ def val(*runs):
         print(run, json.dumps({k: round(v, 3) for k, v in m.items() if k == "acc" or k.startswith("acc/")}), flush=True)
 
 
-def lane(out="out/smollm2_lane"):
-    """The table of smollm2_lane.sh from its runs' summary.json and timing.json: before SFT, after SFT,
-    after RL per algorithm and seed (and their mean): format ok, tool calls per answer by question
-    type, held-out accuracy (all and by type), wall time. Markdown, printed and written to OUT/lane.md."""
+def lane(out="out/smollm2_lane", figure=""):
+    """The table of smollm2_lane.sh from its runs' summary.json, timing.json and metrics.jsonl: before
+    SFT, after SFT, after RL per algorithm and seed (and their gains): format ok, tool calls per answer
+    by question type, held-out accuracy (all and by type), and what the stage cost: the evaluation
+    (before SFT), the SFT steps (sft/sft/record.json), the RL steps (cum/seconds; the held-out curve
+    and the test evaluations not counted). Markdown, printed and written to OUT/lane.md; `figure`:
+    also draw the runs' held-out curves there (lane_figure)."""
+    import runtime
     types = ("arith", "onehop", "twohop")
     rows = []
 
-    def row(name, metrics, seconds):
+    def row(name, metrics, cost):
         ok = 1 - sum(v for k, v in metrics.items() if k.startswith("bad_format/"))
         calls = " / ".join(f"{metrics.get(f'tool_calls/{t}', 0):.2f}" for t in types)
         accs = " / ".join(f"{100 * metrics.get(f'acc/{t}', 0):.1f}" for t in types)
-        rows.append(f"| {name} | {100 * ok:.1f} % | {calls} | **{100 * metrics['acc']:.1f} %** ({accs}) | "
-                    f"{seconds / 60:.0f} min |")
+        rows.append(f"| {name} | {100 * ok:.1f} % | {calls} | **{100 * metrics['acc']:.1f} %** ({accs}) | {cost} |")
 
-    def load(run):
-        with open(os.path.join(run, "summary.json")) as f, open(os.path.join(run, "timing.json")) as g:
-            return json.load(f), json.load(g)
+    def load(run, name):
+        with open(os.path.join(run, name)) as f:
+            return json.load(f)
 
-    for stage, name in (("before_sft", "SmolLM2-135M-Instruct as converted"), ("sft", "after cold-start SFT")):
-        if os.path.exists(os.path.join(out, stage, "summary.json")):
-            summary, timing = load(os.path.join(out, stage))
-            row(name, summary["before_rl"]["test"], timing["wall_s"])
+    if os.path.exists(os.path.join(out, "before_sft", "summary.json")):
+        row("SmolLM2-135M-Instruct as converted", load(os.path.join(out, "before_sft"), "summary.json")["before_rl"]["test"],
+            f"evaluation {load(os.path.join(out, 'before_sft'), 'timing.json')['wall_s'] / 60:.0f} min")
+    if os.path.exists(os.path.join(out, "sft", "summary.json")):
+        record = os.path.join(out, "sft", "sft", "record.json")
+        cost = (f"SFT {load(os.path.dirname(record), 'record.json')['seconds'] / 60:.0f} min"
+                if os.path.exists(record) else "")
+        row("after cold-start SFT", load(os.path.join(out, "sft"), "summary.json")["before_rl"]["test"], cost)
     for algo in ("appo", "grpo", "arpo"):
-        runs = sorted(glob.glob(os.path.join(out, algo, "seed*", "summary.json")))
-        got = [load(os.path.dirname(r)) for r in runs]
-        for (summary, timing), r in zip(got, runs):
+        runs = sorted(os.path.dirname(r) for r in glob.glob(os.path.join(out, algo, "seed*", "summary.json")))
+        gains = []
+        for run in runs:
+            summary, steps = load(run, "summary.json"), runtime.read_jsonl(os.path.join(run, "metrics.jsonl"))
+            gains.append(100 * summary["gain"]["acc"])
+            rl = [m for m in steps if "tree/rollouts" in m]
             row(f"after {summary['steps']} {algo.upper()} steps, seed {summary['seed']}", summary["after_rl"],
-                timing["wall_s"])
-        if len(got) > 1:
-            gains = [100 * s["gain"]["acc"] for s, _ in got]
-            rows.append(f"| {algo.upper()}: gain over the SFT checkpoint, {len(got)} seeds | | | "
+                f"RL steps {rl[-1]['cum/seconds'] / 60:.0f} min, {rl[-1]['cum/tokens_generated'] / 1e3:.0f}k tokens")
+        if len(runs) > 1:
+            rows.append(f"| {algo.upper()}: gain over the SFT checkpoint, {len(runs)} seeds | | | "
                         f"{' / '.join(f'{g:+.1f}' for g in gains)} points (mean {statistics.mean(gains):+.1f}) | |")
     head = ["| | format ok | tool calls per answer (arith / onehop / twohop) | held-out accuracy, greedy "
-            "(arith / onehop / twohop) | wall time |", "|---|---|---|---|---|"]
+            "(arith / onehop / twohop) | time |", "|---|---|---|---|---|"]
     text = "\n".join(head + rows)
     print(text)
     with open(os.path.join(out, "lane.md"), "w") as f:
         f.write(text + "\n")
+    if figure:
+        lane_figure(out, figure)
+
+
+def lane_figure(out, path):
+    """The lane's "does RL improve it": each RL run's held-out curve (val, greedy) against RL step,
+    generated tokens and seconds of RL steps; one colour per algorithm, one line style per seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import runtime
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for i, algo in enumerate(("appo", "grpo", "arpo")):
+        for j, run in enumerate(sorted(glob.glob(os.path.join(out, algo, "seed*")))):
+            path_m = os.path.join(run, "metrics.jsonl")
+            curve = [m for m in runtime.read_jsonl(path_m) if "heldout/acc" in m] if os.path.exists(path_m) else []
+            for ax, key in zip(axes, ("step", "cum/tokens_generated", "cum/seconds")):
+                ax.plot([m[key] for m in curve], [100 * m["heldout/acc"] for m in curve], color=f"C{i}",
+                        ls=("-", "--", ":", "-.")[j % 4], marker="o", ms=3,
+                        label=f"{algo.upper()}, {os.path.basename(run).replace('seed', 'seed ')}")
+    for ax, label in zip(axes, ("RL step", "tokens generated in RL (cumulative)", "seconds of RL steps (cumulative)")):
+        ax.set_xlabel(label, fontsize=9)
+        ax.set_ylabel("held-out accuracy (val, greedy, %)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[1].xaxis.set_major_formatter(lambda v, _: f"{v / 1e3:.0f}k")
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("SmolLM2-135M-Instruct after cold-start SFT on noisy traces: RL on the decisions", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 LEDGER = [("initial rollouts", lambda m: m["tree/rollouts"] - m["tree/branches"]),

